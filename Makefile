@@ -1,0 +1,37 @@
+# make demo   — create .venv, install, validate the kernels and train a LoRALinear
+# make test   — create .venv, install, run the test suite
+# On a GPU machine with torch already installed, set TORCH= to keep it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+NVCC   ?= nvcc
+
+.PHONY: demo test bench cuda-check clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m lorafast.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_lora_linear.py
+
+# compile-check every CUDA source for sm_80 and sm_90a without a GPU (none yet)
+cuda-check:
+	@srcs=$$(ls csrc/*.cu 2>/dev/null); \
+	if [ -z "$$srcs" ]; then echo "cuda-check: no .cu sources in csrc/"; exit 0; fi; \
+	for f in $$srcs; do \
+	  $(NVCC) -std=c++17 -c $$f -o /dev/null -gencode=arch=compute_80,code=sm_80 \
+	    -gencode=arch=compute_90a,code=sm_90a || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

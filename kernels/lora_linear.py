@@ -1,0 +1,324 @@
+"""Fused LoRA linear in Triton: y = x Wᵀ + b + s · drop(x) Aᵀ (Rᵀ) Bᵀ.
+
+Two kernels serve forward and backward (variants are flags, not copies):
+
+``_lora_project_kernel``  one pass over the rows of a (M, K) activation X:
+    out = s_out · (drop(X) P) (Q)        rank-r projection, (M, r) fp32
+    dW  += drop(X)ᵀ · s_l (H Qh)         fused rank-r weight gradient (atomics)
+    dR  += s_out · (X P)ᵀ H              fused r×r gradient (atomics)
+    db  += Σ_m X                         fused bias gradient (atomics)
+``_lora_gemm_kernel``     Y = X Wop + (s · (H Q) U) ⊙ m/(1-p) + b
+    a tiled GEMM whose epilogue adds the rank-r term before the single write.
+
+Forward:   h = drop(x) Aᵀ                           (project over x)
+           y = x Wᵀ + s (h Rᵀ) Bᵀ + b               (gemm)
+Backward:  g = G B;  Lg = s g R;  dB = s Gᵀ(h Rᵀ);  dR = s gᵀ h;  db = Σ G
+                                                    (one project pass over G)
+           dA = Lgᵀ drop(x)                         (project over x, dW only)
+           dx = G W + (Lg A) ⊙ m/(1-p)              (gemm)
+Work for gradients that are not needed is skipped by flags.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .random import dropout_keep
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rr(ptr, stride_a, stride_b, r, R_PAD: tl.constexpr):
+    """A zero-padded (R_PAD, R_PAD) fp32 tile of an r×r matrix."""
+    ra = tl.arange(0, R_PAD)
+    ok = (ra[:, None] < r) & (ra[None, :] < r)
+    return tl.load(ptr + ra[:, None] * stride_a + ra[None, :] * stride_b, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rtne_bf16_bits(v):
+    """Round fp32 to the nearest-even bf16 value, kept in fp32. The interpreter's own
+    fp32→bf16 cast truncates; with this the truncation is exact."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _lora_project_kernel(
+    X, stride_xm, stride_xk,
+    P, stride_pk, stride_pr,
+    OUT, stride_om, stride_or,
+    Q, stride_qa, stride_qb,
+    H, stride_hm, stride_hr,
+    QH, stride_qha, stride_qhb,
+    DW, stride_dwk, stride_dwr,
+    DR, stride_dra, stride_drb,
+    DBIAS,
+    M, K, r, out_scale, l_scale, seed, offset, p, inv_keep,
+    R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    HAS_P: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_Q: tl.constexpr,
+    DROPOUT: tl.constexpr, ACC_DW: tl.constexpr, HAS_QH: tl.constexpr,
+    ACC_DR: tl.constexpr, ACC_DBIAS: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rr = tl.arange(0, R_PAD)
+    m_ok = rm < M
+    r_ok = rr < r
+    mr_ok = m_ok[:, None] & r_ok[None, :]
+    if ACC_DW or ACC_DR:
+        hb = tl.load(H + rm[:, None] * stride_hm + rr[None, :] * stride_hr, mask=mr_ok, other=0.0)
+    if ACC_DW:
+        lb = hb
+        if HAS_QH:
+            lb = tl.dot(lb, _load_rr(QH, stride_qha, stride_qhb, r, R_PAD), input_precision=PREC)
+        lb = lb * l_scale
+    acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < K
+        xt = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if DROPOUT:
+            keep = dropout_keep(seed, offset, rm, rk, K, p)
+            xt = tl.where(keep, xt * inv_keep, 0.0)
+        if HAS_P:
+            pt = tl.load(P + rk[:, None] * stride_pk + rr[None, :] * stride_pr,
+                         mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(xt, pt, acc, input_precision=PREC)
+        if ACC_DW:
+            part = tl.dot(tl.trans(xt), lb, input_precision=PREC)
+            tl.atomic_add(DW + rk[:, None] * stride_dwk + rr[None, :] * stride_dwr, part,
+                          mask=k_ok[:, None] & r_ok[None, :])
+        if ACC_DBIAS:
+            tl.atomic_add(DBIAS + rk, tl.sum(xt, axis=0), mask=k_ok)
+    if ACC_DR:
+        part = tl.dot(tl.trans(acc), hb, input_precision=PREC) * out_scale
+        tl.atomic_add(DR + rr[:, None] * stride_dra + rr[None, :] * stride_drb, part,
+                      mask=r_ok[:, None] & r_ok[None, :])
+    if WRITE_OUT:
+        out = acc
+        if HAS_Q:
+            out = tl.dot(out, _load_rr(Q, stride_qa, stride_qb, r, R_PAD), input_precision=PREC)
+        tl.store(OUT + rm[:, None] * stride_om + rr[None, :] * stride_or, out * out_scale, mask=mr_ok)
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    X, stride_xm, stride_xk,
+    W, stride_wk, stride_wn,
+    H, stride_hm, stride_hr,
+    Q, stride_qa, stride_qb,
+    U, stride_ur, stride_un,
+    BIAS, Y, stride_ym, stride_yn,
+    M, N, K, r, scale, seed, offset, p, inv_keep, M_BUCKET,
+    R_PAD: tl.constexpr, HAS_Q: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped tile order: GROUP_M row-tiles share each W column-tile while it is in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    # wrapped indices keep the main loop free of row/column masks; the store masks
+    rm_l = tl.max_contiguous(tl.multiple_of(rm % M, BM), BM)
+    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    x_ptrs = X + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = W + rk[:, None] * stride_wk + rn_l[None, :] * stride_wn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BK)):
+        k_left = K - kt * BK
+        a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        if INTERP_BF16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        x_ptrs += BK * stride_xk
+        w_ptrs += BK * stride_wk
+
+    # rank-r epilogue: low = s · (H Q) U, in fp32
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < r
+    ht = tl.load(H + rm_l[:, None] * stride_hm + rr[None, :] * stride_hr, mask=r_ok[None, :], other=0.0)
+    if HAS_Q:
+        ht = tl.dot(ht, _load_rr(Q, stride_qa, stride_qb, r, R_PAD), input_precision=LOW_PREC)
+    ut = tl.load(U + rr[:, None] * stride_ur + rn_l[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
+    low = tl.dot(ht, ut.to(tl.float32), input_precision=LOW_PREC) * scale
+    if DROPOUT:
+        keep = dropout_keep(seed, offset, rm, rn, N, p)
+        low = tl.where(keep, low * inv_keep, 0.0)
+    acc += low
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn_l).to(tl.float32)[None, :]
+    if INTERP_BF16:
+        acc = _rtne_bf16_bits(acc)
+    y_ptrs = Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def _gemm_configs():
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+        (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+_lora_gemm_tuned = triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_Q", "HAS_BIAS", "DROPOUT", "PREC"],
+)(_lora_gemm_kernel)
+
+# ---------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------
+
+
+def interpreted() -> bool:
+    """True when these kernels were defined under TRITON_INTERPRET=1."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_lora_gemm_kernel, InterpretedFunction)
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 activations follow torch's TF32 switch (off by default: exact IEEE fp32);
+    half activations already round the output far above TF32's error."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _strides2(t: Optional[torch.Tensor]):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_scale=1.0,
+             dW=None, dR=None, dbias=None, r, dropout_p=0.0, seed=0, offset=0):
+    """Launch one row pass over X (M, K); see the module docstring. Every matrix is a view
+    given by its strides: P (K, r), out (M, r), Q/QH/dR (r, r), H (M, r), dW (K, r)."""
+    M, K = X.shape
+    r_pad = _r_pad(r)
+    prec = _dot_precision(X.dtype)
+    if interpreted():
+        bm, bk, warps, stages = 16, 32, 1, 1
+    else:
+        sms = torch.cuda.get_device_properties(X.device).multi_processor_count
+        bm = 64 if triton.cdiv(M, 64) >= 2 * sms else (32 if triton.cdiv(M, 32) >= sms else 16)
+        bk = 128 if r_pad <= 32 else 64
+        warps, stages = 4, 3
+    dummy = X
+    _lora_project_kernel[(triton.cdiv(M, bm),)](
+        X, X.stride(0), X.stride(1),
+        P if P is not None else dummy, *_strides2(P),
+        out if out is not None else dummy, *_strides2(out),
+        Q if Q is not None else dummy, *_strides2(Q),
+        H if H is not None else dummy, *_strides2(H),
+        QH if QH is not None else dummy, *_strides2(QH),
+        dW if dW is not None else dummy, *_strides2(dW),
+        dR if dR is not None else dummy, *_strides2(dR),
+        dbias if dbias is not None else dummy,
+        M, K, r, float(out_scale), float(l_scale), int(seed), int(offset),
+        float(dropout_p), 1.0 / (1.0 - dropout_p),
+        R_PAD=r_pad, BM=bm, BK=bk,
+        HAS_P=P is not None, WRITE_OUT=out is not None, HAS_Q=Q is not None,
+        DROPOUT=dropout_p > 0.0, ACC_DW=dW is not None, HAS_QH=QH is not None,
+        ACC_DR=dR is not None, ACC_DBIAS=dbias is not None, PREC=prec,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def _gemm(X, W, *, H, U, Y, r, scale=1.0, Q=None, bias=None, dropout_p=0.0, seed=0, offset=0):
+    """Y (M, N) = X (M, K) · W (K, N) + rank-r epilogue; W, U (r, N), Q (r, r) are strided views."""
+    M, K = X.shape
+    N = W.shape[1]
+    r_pad = _r_pad(r)
+    prec = _dot_precision(X.dtype)
+    interp = interpreted()
+    # the interpreter's bf16 dot is wrong and its bf16 cast truncates: compute in fp32 there
+    interp_bf16 = interp and X.dtype == torch.bfloat16
+    args = (
+        X, X.stride(0), X.stride(1),
+        W, W.stride(0), W.stride(1),
+        H, H.stride(0), H.stride(1),
+        Q if Q is not None else H, *_strides2(Q),
+        U, U.stride(0), U.stride(1),
+        bias if bias is not None else Y, Y, Y.stride(0), Y.stride(1),
+        M, N, K, r, float(scale), int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p),
+        triton.next_power_of_2(M),
+    )
+    flags = dict(R_PAD=r_pad, HAS_Q=Q is not None, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
+                 INTERP_BF16=interp_bf16, PREC="ieee" if interp_bf16 else prec, LOW_PREC=prec)
+    if interp:
+        grid = (triton.cdiv(M, 16) * triton.cdiv(N, 32),)
+        _lora_gemm_kernel[grid](*args, **flags, BM=16, BN=32, BK=32, GROUP_M=4)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+        _lora_gemm_tuned[grid](*args, **flags)
+
+
+def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset):
+    """x2 (M, in) → (y (M, out) in x's dtype, h = drop(x) Aᵀ (M, r) fp32)."""
+    M = x2.shape[0]
+    out_f, r = weight.shape[0], lora_A.shape[0]
+    h = torch.empty((M, r), device=x2.device, dtype=torch.float32)
+    y = torch.empty((M, out_f), device=x2.device, dtype=x2.dtype)
+    if M == 0:
+        return y, h
+    _project(x2, P=lora_A.T, out=h, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
+    _gemm(x2, weight.T, H=h, Q=lora_R.T if lora_R is not None else None, U=lora_B.T, Y=y, r=r,
+          scale=scaling, bias=bias)
+    return y, h
+
+
+def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
+                         offset, needs):
+    """Gradients (dx, dA, dB, dR, dbias) in fp32 (dx in x's dtype); None where not needed."""
+    need_x, need_A, need_B, need_R, need_bias = needs
+    M, in_f = x2.shape
+    out_f, r = weight.shape[0], lora_A.shape[0]
+    dev, f32 = x2.device, torch.float32
+    need_low = need_x or need_A           # Lg = s g R feeds both dA and dx
+    dB = torch.zeros((out_f, r), device=dev, dtype=f32) if need_B else None
+    dR = torch.zeros((r, r), device=dev, dtype=f32) if need_R else None
+    db = torch.zeros((out_f,), device=dev, dtype=f32) if need_bias else None
+    dA = torch.zeros((r, in_f), device=dev, dtype=f32) if need_A else None
+    Lg = torch.empty((M, r), device=dev, dtype=f32) if need_low else None
+    dx = torch.empty((M, in_f), device=dev, dtype=x2.dtype) if need_x else None
+    if M == 0:
+        if dx is not None:
+            dx.zero_()
+        return dx, dA, dB, dR, db
+    if need_low or need_B or need_R or need_bias:
+        _project(gy2, P=lora_B if (need_low or need_R) else None, out=Lg, out_scale=scaling,
+                 Q=lora_R if need_low else None, H=h, QH=lora_R.T if lora_R is not None else None,
+                 l_scale=scaling, dW=dB, dR=dR, dbias=db, r=r)
+    if need_A:
+        _project(x2, H=Lg, dW=dA.T, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
+    if need_x:
+        _gemm(gy2, weight, H=Lg, U=lora_A, Y=dx, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
+    return dx, dA, dB, dR, db

@@ -1,0 +1,145 @@
+"""Which backends exist here and which one an op uses.
+
+Order of precedence: the op's ``backend=`` argument, then ``set_backend`` /
+``use_backend``, then the ``LORAFAST_BACKEND`` environment variable, then
+automatic selection. Automatic selection picks the fastest backend that is
+correct for the tensors' device and dtype, and never the Triton interpreter:
+on CPU it picks "torch".
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_override: Optional[str] = None
+
+
+def _prepare_interpreter() -> bool:
+    """On a machine without CUDA, Triton can only interpret, and it decides that when it is
+    first imported (its own standard library is jit-decorated then). So switch the
+    interpreter on before anything imports triton. Returns whether it is on."""
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        return True
+    if "triton" in sys.modules or torch.cuda.is_available():
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+_INTERPRETER = _prepare_interpreter()
+
+
+def _check_name(name: Optional[str], what: str) -> Optional[str]:
+    if name is None or name in ("", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS} or None/'auto', got {name!r}")
+    return name
+
+
+def triton_status() -> tuple[bool, str]:
+    """(usable, why) for the Triton backend on this machine."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    if torch.cuda.is_available():
+        return True, "GPU"
+    return True, "CPU tensors only, through the Triton interpreter (TRITON_INTERPRET=1)"
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, why) for the CUDA C++ backend."""
+    return False, "the CUDA extension has no kernels yet (csrc/ is a placeholder)"
+
+
+def available_backends() -> list[str]:
+    """Backends usable here; always includes "torch"."""
+    out = ["torch"]
+    if triton_status()[0]:
+        out.append("triton")
+    if cuda_status()[0]:
+        out.append("cuda")
+    return out
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every op (None or "auto" restores automatic selection)."""
+    global _override
+    _override = _check_name(name, "backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Context manager form of ``set_backend``."""
+    global _override
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def requested(backend: Optional[str] = None) -> Optional[str]:
+    """The backend asked for by argument, override or environment; None means automatic."""
+    name = _check_name(backend, "backend")
+    if name is None:
+        name = _override
+    if name is None:
+        name = _check_name(os.environ.get("LORAFAST_BACKEND"), "LORAFAST_BACKEND")
+    return name
+
+
+def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if Triton kernels are correct for this device and dtype, else the reason."""
+    usable, why = triton_status()
+    if not usable:
+        return why
+    if dtype not in KERNEL_DTYPES:
+        return f"the Triton kernels take float32, float16 or bfloat16 activations, not {dtype}"
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 7 or (dtype == torch.bfloat16 and major < 8):
+            return f"compute capability {major}.x is too old for {dtype} Triton kernels"
+        return None
+    if device.type == "cpu":
+        return None
+    return f"no Triton kernels for device type {device.type!r}"
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
+    """Resolve the backend for ``op`` on tensors of this device and dtype."""
+    name = requested(backend)
+    if name == "torch":
+        return name
+    if name == "triton":
+        why = _triton_supports(device, dtype)
+        if why is not None:
+            raise ValueError(f"{op}: backend='triton' cannot run here: {why}")
+        return name
+    if name == "cuda":
+        usable, why = cuda_status()
+        if not usable:
+            raise RuntimeError(f"{op}: backend='cuda' was requested but {why}")
+        return name
+    # automatic: the interpreter is for testing, never picked on its own
+    if device.type == "cuda" and _triton_supports(device, dtype) is None:
+        return "triton"
+    return "torch"
+
+
+def triton_kernels(device: torch.device):
+    """The Triton kernels module; on CPU tensors only when running under the interpreter."""
+    if device.type == "cpu" and not _INTERPRETER:
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs only under the Triton interpreter: set "
+            "TRITON_INTERPRET=1 in the environment, or import lorafast before triton")
+    from lorafast.kernels import lora_linear as kernels
+    return kernels

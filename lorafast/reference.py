@@ -1,0 +1,148 @@
+"""Pure-PyTorch specification of every lorafast op.
+
+Each function here is the definition the kernels are tested against. They
+compute in float32 (float64 when given float64 inputs) and round once at the
+end, so calling them on float64 copies of the inputs gives the ground truth.
+
+Randomness is counter-based. ``philox4x32`` is Random123's Philox4x32-10 with
+key ``(lo32(seed), hi32(seed))`` and counter ``(lo32(c), hi32(c), 0, 0)``; the
+uniform for counter ``c`` is ``(x0 >> 8) * 2**-24`` in [0, 1). Element ``(m, k)``
+of a row-major (M, K) tensor uses counter ``offset + m*K + k``. The Triton
+kernels (kernels/random.py) draw exactly the same numbers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit words of a*b for a constant a < 2**32 and int64 b < 2**32.
+
+    Splits b into 16-bit halves so that no partial product leaves int64:
+    a*b = t*2**16 + u with t = a*hi16(b), u = a*lo16(b), both < 2**48.
+    """
+    t = a * (b >> 16)
+    u = a * (b & 0xFFFF)
+    hi = (t + (u >> 16)) >> 16
+    lo = (((t & 0xFFFF) << 16) + u) & _M32
+    return hi, lo
+
+
+def philox4x32_rounds(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int,
+                      rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random123's Philox4x32 block function on int64 tensors holding 32-bit words."""
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo32(_ROUND_A, c0)
+        hi1, lo1 = _mulhilo32(_ROUND_B, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def philox4x32(seed: int, counters: Tensor, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 with key (lo32(seed), hi32(seed)) and counters (lo32(c), hi32(c), 0, 0)."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    c = counters.to(torch.int64)
+    zero = torch.zeros_like(c)
+    return philox4x32_rounds(c & _M32, (c >> 32) & _M32, zero, zero, seed & _M32, (seed >> 32) & _M32, rounds)
+
+
+def philox_uniform(seed: int, counters: Tensor) -> Tensor:
+    """Uniform float32 in [0, 1) per counter: the top 24 bits of Philox word 0."""
+    x0 = philox4x32(seed, counters)[0]
+    return (x0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def dropout_keep(seed: int, offset: int, rows: int, cols: int, p: float, device=None) -> Tensor:
+    """Keep mask (rows, cols) of inverted dropout: element kept iff uniform >= p."""
+    idx = torch.arange(rows * cols, device=device, dtype=torch.int64) + offset
+    return (philox_uniform(seed, idx) >= p).view(rows, cols)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _dropped(x2: Tensor, p: float, seed: int, offset: int) -> Tensor:
+    """drop(x) = x ⊙ m / (1 - p), in x2's dtype."""
+    if p == 0.0:
+        return x2
+    keep = dropout_keep(seed, offset, x2.shape[0], x2.shape[1], p, x2.device)
+    return torch.where(keep, x2 / (1.0 - p), torch.zeros((), dtype=x2.dtype, device=x2.device))
+
+
+def lora_linear_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                        bias: Optional[Tensor] = None, lora_R: Optional[Tensor] = None, *,
+                        scaling: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
+                        offset: int = 0) -> tuple[Tensor, Tensor]:
+    """y = x Wᵀ + b + s · drop(x) Aᵀ (Rᵀ) Bᵀ, and h = drop(x) Aᵀ.
+
+    Shapes: x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r),
+    lora_R (r, r), bias (out,). Returns y (..., out) in x's dtype and
+    h (M, r) in the accumulation dtype, M = prod(x.shape[:-1]). h is what
+    the backward needs to form dB and dR without re-reading x.
+    """
+    acc = _acc_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1]).to(acc)
+    h = _dropped(x2, dropout_p, seed, offset) @ lora_A.to(acc).T
+    v = h @ lora_R.to(acc).T if lora_R is not None else h
+    y = x2 @ weight.to(acc).T + scaling * (v @ lora_B.to(acc).T)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]), h
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                bias: Optional[Tensor] = None, *, scaling: float = 1.0,
+                lora_R: Optional[Tensor] = None, dropout_p: float = 0.0,
+                seed: int = 0, offset: int = 0) -> Tensor:
+    """The LoRA linear output alone; see ``lora_linear_forward``."""
+    return lora_linear_forward(x, weight, lora_A, lora_B, bias, lora_R, scaling=scaling,
+                               dropout_p=dropout_p, seed=seed, offset=offset)[0]
+
+
+def lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
+                         lora_B: Tensor, lora_R: Optional[Tensor], h: Tensor, *,
+                         scaling: float, dropout_p: float, seed: int, offset: int,
+                         needs: tuple[bool, bool, bool, bool, bool],
+                         bias_dtype: Optional[torch.dtype] = None):
+    """Gradients (dx, dA, dB, dR, dbias); entries not in ``needs`` are None.
+
+    With G = dY (M×out), d = drop(x), v = h Rᵀ and g = G B (M×r):
+      dB = s Gᵀ v          dR = s gᵀ h          dA = s (g R)ᵀ d
+      dx = G W + (s (g R) A) ⊙ m / (1 - p)      dbias = Σ_m G
+    (drop R, i.e. R = I, for the plain LoRA variant).
+    """
+    need_x, need_A, need_B, need_R, need_bias = needs
+    need_R = need_R and lora_R is not None
+    acc = _acc_dtype(x)
+    in_f = x.shape[-1]
+    G = grad_y.reshape(-1, grad_y.shape[-1]).to(acc)
+    A, B = lora_A.to(acc), lora_B.to(acc)
+    R = lora_R.to(acc) if lora_R is not None else None
+    h = h.to(acc)
+    g = G @ B
+    gR = g @ R if R is not None else g
+    dx = dA = dB = dR = dbias = None
+    if need_B:
+        v = h @ R.T if R is not None else h
+        dB = (scaling * (G.T @ v)).to(lora_B.dtype)
+    if need_R:
+        dR = (scaling * (g.T @ h)).to(lora_R.dtype)
+    if need_A:
+        d = _dropped(x.reshape(-1, in_f).to(acc), dropout_p, seed, offset)
+        dA = (scaling * (gR.T @ d)).to(lora_A.dtype)
+    if need_x:
+        low = _dropped(scaling * (gR @ A), dropout_p, seed, offset)
+        dx = (G @ weight.to(acc) + low).to(x.dtype).reshape(x.shape)
+    if need_bias:
+        dbias = G.sum(0).to(bias_dtype or grad_y.dtype)
+    return dx, dA, dB, dR, dbias

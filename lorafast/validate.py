@@ -1,0 +1,111 @@
+"""Check every kernel on this machine against the float64 reference.
+
+Each row is one (op, backend, device, dtype, case) with the largest relative error
+‖got − ref‖ / ‖ref‖ over the output and every gradient, and the dtype's tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from . import _backend, reference
+from .functional import lora_linear
+
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# (variant, x shape, in, out, r, dropout_p)
+CASES = [
+    ("lora", (13, 33), 33, 47, 3, 0.0),
+    ("ffa", (2, 5, 40), 40, 24, 1, 0.0),
+    ("xs", (11, 17), 17, 33, 5, 0.0),
+    ("lora", (2, 7, 33), 33, 47, 4, 0.3),
+]
+
+
+@dataclass
+class Row:
+    op: str
+    backend: str
+    device: str
+    dtype: str
+    shape: str
+    max_rel_err: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_err <= self.tolerance
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_lora_linear(backend: str, device: str, dtype: torch.dtype, case) -> Row:
+    variant, xshape, in_f, out_f, r, p = case
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = rnd(*xshape).to(device, dtype).requires_grad_(True)
+    W = (rnd(out_f, in_f) / in_f ** 0.5).to(device, dtype)
+    A, B = (rnd(r, in_f) / in_f ** 0.5).to(device), rnd(out_f, r).to(device)
+    R = rnd(r, r).to(device) if variant == "xs" else None
+    bias = rnd(out_f).to(device, dtype)
+    trains = {"lora": [A, B], "ffa": [B], "xs": [R]}[variant]
+    for t in trains:
+        t.requires_grad_(True)
+    seed = 4242
+
+    gy = rnd(*xshape[:-1], out_f).to(dtype)  # the same output gradient values for both
+
+    def run(tensors, fn):
+        y = fn(*tensors)
+        grads = torch.autograd.grad(y, [t for t in tensors if t is not None and t.requires_grad],
+                                    gy.to(y.device, y.dtype))
+        return [y, *grads]
+
+    def ours(x, W, A, B, R, b):
+        return lora_linear(x, W, A, B, b, scaling=0.5, lora_R=R, dropout_p=p, backend=backend, seed=seed)
+
+    def ref(x, W, A, B, R, b):
+        return reference.lora_linear(x, W, A, B, b, scaling=0.5, lora_R=R, dropout_p=p, seed=seed)
+
+    to64 = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+            for t in (x, W, A, B, R, bias)]
+    got = run([x, W, A, B, R, bias], ours)
+    want = run(to64, ref)
+    err = max(_rel(a, b) for a, b in zip(got, want))
+    shape = f"{variant} x={tuple(xshape)} out={out_f} r={r}" + (f" p={p}" if p else "")
+    return Row("lora_linear", backend, device, str(dtype).replace("torch.", ""), shape, err, TOLERANCES[dtype])
+
+
+def targets() -> Iterator[tuple[str, str]]:
+    """(backend, device) pairs usable here."""
+    yield "torch", "cpu"
+    if "triton" in _backend.available_backends():
+        yield "triton", "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        yield "torch", "cuda"
+
+
+def run_checks(progress: Optional[callable] = None) -> list[Row]:
+    jobs = [(b, d, dt, c) for b, d in targets() for dt in TOLERANCES for c in CASES]
+    rows = []
+    for i, job in enumerate(jobs):
+        rows.append(check_lora_linear(*job))
+        if progress:
+            progress(i + 1, len(jobs), rows[-1])
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("op", "backend", "device", "dtype", "shape", "max rel. error", "tolerance", "verdict")
+    body = [(r.op, r.backend, r.device, r.dtype, r.shape, f"{r.max_rel_err:.2e}", f"{r.tolerance:.0e}",
+             "ok" if r.ok else "FAIL") for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in (head, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
