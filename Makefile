@@ -1,6 +1,6 @@
 # make demo   — create .venv, install, validate the kernels and train a LoRALinear
 # make test   — create .venv, install, run the test suite
-# On a GPU machine with torch already installed, set TORCH= to keep it.
+# On a GPU machine with torch already installed, set TORCH= to reuse it (system site-packages).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,7 @@ NVCC   ?= nvcc
 .PHONY: demo test bench cuda-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(if $(TORCH),,--system-site-packages) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
 	$(PY) -m pip install -q -e ".[test]"
