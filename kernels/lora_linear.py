@@ -291,7 +291,7 @@ def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropo
         return y, h
     _project(x2, P=lora_A.T, out=h, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
     _gemm(x2, weight.T, H=h, Q=lora_R.T if lora_R is not None else None, U=lora_B.T, Y=y, r=r,
-          scale=scaling, bias=bias)
+          scale=scaling, bias=bias.contiguous() if bias is not None else None)
     return y, h
 
 
