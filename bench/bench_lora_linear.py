@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 import lorafast  # before triton: on a CPU-only machine it switches Triton to its interpreter
 from lorafast import reference
+from lorafast.validate import rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` however the script is launched
 import common  # noqa: E402
@@ -209,7 +210,7 @@ def resolve_providers(requested: Optional[list[str]], cpu: bool) -> list[str]:
 
 def check(case: Case, refs: dict[bool, Tensor]) -> float:
     y = case.fn()  # with autograd on: the path that is timed (torch.compile traces it separately)
-    return common.rel_err(y.detach(), refs[case.lora])
+    return rel_err(y, refs[case.lora])
 
 
 def time_mode(case: Case, mode: str, grad_y: Tensor, device: torch.device) -> list[float]:

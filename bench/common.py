@@ -154,12 +154,6 @@ def bench(fn: Callable[[], object], device: torch.device, grad_to_none: Optional
     return bench_cuda(fn, grad_to_none) if device.type == "cuda" else bench_cpu(fn, grad_to_none)
 
 
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖y − ref‖ / ‖ref‖ in float64."""
-    ref = ref.double()
-    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
 # ------------------------------------------------------------------ roofline
 
 

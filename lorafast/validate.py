@@ -38,8 +38,9 @@ class Row:
         return self.max_rel_err <= self.tolerance
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖a − ref‖ / ‖ref‖ in float64 on ref's device; inf if a has a non-finite value."""
+    a, ref = a.detach().to(ref.device, torch.float64), ref.detach().double()
     if not torch.isfinite(a).all():
         return float("inf")
     return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -77,7 +78,7 @@ def check_lora_linear(backend: str, device: str, dtype: torch.dtype, case) -> Ro
             for t in (x, W, A, B, R, bias)]
     got = run([x, W, A, B, R, bias], ours)
     want = run(to64, ref)
-    err = max(_rel(a, b) for a, b in zip(got, want))
+    err = max(rel_err(a, b) for a, b in zip(got, want))
     shape = f"{variant} x={tuple(xshape)} out={out_f} r={r}" + (f" p={p}" if p else "")
     return Row("lora_linear", backend, device, str(dtype).replace("torch.", ""), shape, err, TOLERANCES[dtype])
 
