@@ -58,17 +58,22 @@ def _lora_project_kernel(
     Q, stride_qa, stride_qb,
     H, stride_hm, stride_hr,
     QH, stride_qha, stride_qhb,
-    DW, stride_dwk, stride_dwr,
-    DR, stride_dra, stride_drb,
+    DW, stride_dws, stride_dwk, stride_dwr,
+    DR, stride_drs, stride_dra, stride_drb,
     DBIAS,
-    M, K, r, out_scale, l_scale, seed, offset, p, inv_keep,
+    M, K, r, out_scale, l_scale, dr_scale, seed, offset, p, inv_keep, T,
     R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     HAS_P: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_Q: tl.constexpr,
     DROPOUT: tl.constexpr, ACC_DW: tl.constexpr, HAS_QH: tl.constexpr,
-    ACC_DR: tl.constexpr, ACC_DBIAS: tl.constexpr, PREC: tl.constexpr,
+    ACC_DR: tl.constexpr, ACC_DBIAS: tl.constexpr, PER_SAMPLE: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
+    if PER_SAMPLE:
+        # rows are samples of T consecutive rows; this block meets samples s_lo..s_hi
+        s_lo = (pid * BM) // T
+        s_hi = (tl.minimum(pid * BM + BM, M) - 1) // T
+        row_sample = rm // T
     rr = tl.arange(0, R_PAD)
     m_ok = rm < M
     r_ok = rr < r
@@ -94,15 +99,32 @@ def _lora_project_kernel(
                          mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
             acc = tl.dot(xt, pt, acc, input_precision=PREC)
         if ACC_DW:
-            part = tl.dot(tl.trans(xt), lb, input_precision=PREC)
-            tl.atomic_add(DW + rk[:, None] * stride_dwk + rr[None, :] * stride_dwr, part,
-                          mask=k_ok[:, None] & r_ok[None, :])
+            dw_ptrs = DW + rk[:, None] * stride_dwk + rr[None, :] * stride_dwr
+            dw_ok = k_ok[:, None] & r_ok[None, :]
+            if PER_SAMPLE:
+                for smp in range(s_lo, s_hi + 1):
+                    # mask both factors: another sample's inf·0 would be nan here
+                    own = (row_sample == smp)[:, None]
+                    part = tl.dot(tl.trans(tl.where(own, xt, 0.0)), tl.where(own, lb, 0.0),
+                                  input_precision=PREC)
+                    tl.atomic_add(dw_ptrs + tl.cast(smp, tl.int64) * stride_dws, part, mask=dw_ok)
+            else:
+                part = tl.dot(tl.trans(xt), lb, input_precision=PREC)
+                tl.atomic_add(dw_ptrs, part, mask=dw_ok)
         if ACC_DBIAS:
             tl.atomic_add(DBIAS + rk, tl.sum(xt, axis=0), mask=k_ok)
     if ACC_DR:
-        part = tl.dot(tl.trans(acc), hb, input_precision=PREC) * out_scale
-        tl.atomic_add(DR + rr[:, None] * stride_dra + rr[None, :] * stride_drb, part,
-                      mask=r_ok[:, None] & r_ok[None, :])
+        dr_ptrs = DR + rr[:, None] * stride_dra + rr[None, :] * stride_drb
+        dr_ok = r_ok[:, None] & r_ok[None, :]
+        if PER_SAMPLE:
+            for smp in range(s_lo, s_hi + 1):
+                own = (row_sample == smp)[:, None]
+                part = tl.dot(tl.trans(tl.where(own, acc, 0.0)), tl.where(own, hb, 0.0),
+                              input_precision=PREC) * dr_scale
+                tl.atomic_add(dr_ptrs + tl.cast(smp, tl.int64) * stride_drs, part, mask=dr_ok)
+        else:
+            part = tl.dot(tl.trans(acc), hb, input_precision=PREC) * dr_scale
+            tl.atomic_add(dr_ptrs, part, mask=dr_ok)
     if WRITE_OUT:
         out = acc
         if HAS_Q:
@@ -216,18 +238,31 @@ def _strides2(t: Optional[torch.Tensor]):
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
 
+def _strides3(t: Optional[torch.Tensor]):
+    """(sample, row, col) strides of a per-sample (N, a, b) buffer, or of a shared (a, b) one."""
+    if t is None:
+        return (0, 0, 0)
+    return tuple(t.stride()) if t.dim() == 3 else (0, t.stride(0), t.stride(1))
+
+
 def _project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_scale=1.0,
-             dW=None, dR=None, dbias=None, r, dropout_p=0.0, seed=0, offset=0):
+             dW=None, dR=None, dr_scale=None, dbias=None, r, dropout_p=0.0, seed=0, offset=0,
+             rows_per_sample=0):
     """Launch one row pass over X (M, K); see the module docstring. Every matrix is a view
-    given by its strides: P (K, r), out (M, r), Q/QH/dR (r, r), H (M, r), dW (K, r)."""
+    given by its strides: P (K, r), out (M, r), Q/QH/dR (r, r), H (M, r), dW (K, r).
+    With ``rows_per_sample`` = T > 0, dW (N, K, r) and dR (N, r, r) are per-sample: rows
+    [iT, (i+1)T) of X accumulate into sample i's slice."""
     M, K = X.shape
     r_pad = _r_pad(r)
     prec = _dot_precision(X.dtype)
+    per_sample = rows_per_sample > 0
     if interpreted():
         bm, bk, warps, stages = 16, 32, 1, 1
     else:
         sms = torch.cuda.get_device_properties(X.device).multi_processor_count
         bm = 64 if triton.cdiv(M, 64) >= 2 * sms else (32 if triton.cdiv(M, 32) >= sms else 16)
+        if per_sample:  # blocks that stay inside one sample need one dot each, not two
+            bm = min(bm, max(16, rows_per_sample & -rows_per_sample))
         bk = 128 if r_pad <= 32 else 64
         warps, stages = 4, 3
     dummy = X
@@ -238,15 +273,15 @@ def _project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_s
         Q if Q is not None else dummy, *_strides2(Q),
         H if H is not None else dummy, *_strides2(H),
         QH if QH is not None else dummy, *_strides2(QH),
-        dW if dW is not None else dummy, *_strides2(dW),
-        dR if dR is not None else dummy, *_strides2(dR),
+        dW if dW is not None else dummy, *_strides3(dW),
+        dR if dR is not None else dummy, *_strides3(dR),
         dbias if dbias is not None else dummy,
-        M, K, r, float(out_scale), float(l_scale), int(seed), int(offset),
-        float(dropout_p), 1.0 / (1.0 - dropout_p),
+        M, K, r, float(out_scale), float(l_scale), float(out_scale if dr_scale is None else dr_scale),
+        int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p), max(int(rows_per_sample), 1),
         R_PAD=r_pad, BM=bm, BK=bk,
         HAS_P=P is not None, WRITE_OUT=out is not None, HAS_Q=Q is not None,
         DROPOUT=dropout_p > 0.0, ACC_DW=dW is not None, HAS_QH=QH is not None,
-        ACC_DR=dR is not None, ACC_DBIAS=dbias is not None, PREC=prec,
+        ACC_DR=dR is not None, ACC_DBIAS=dbias is not None, PER_SAMPLE=per_sample, PREC=prec,
         num_warps=warps, num_stages=stages,
     )
 
@@ -295,6 +330,27 @@ def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropo
     return y, h
 
 
+def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
+                     dx, dA, dB, dR, db, grad_scale=1.0, rows_per_sample=0):
+    """The backward's passes, writing whichever of dx (M, in), dA (r, in), dB (out, r),
+    dR (r, r), db (out,) is given; dA, dB, dR may instead be per-sample (N, ·, ·) buffers
+    (``rows_per_sample`` = T), and their gradients are scaled by ``grad_scale``."""
+    M = x2.shape[0]
+    r = lora_A.shape[0]
+    need_low = dx is not None or dA is not None   # Lg = s g R feeds both dA and dx
+    Lg = torch.empty((M, r), device=x2.device, dtype=torch.float32) if need_low else None
+    if need_low or dB is not None or dR is not None or db is not None:
+        _project(gy2, P=lora_B if (need_low or dR is not None) else None, out=Lg, out_scale=scaling,
+                 Q=lora_R if need_low else None, H=h, QH=lora_R.T if lora_R is not None else None,
+                 l_scale=scaling * grad_scale, dW=dB, dR=dR, dr_scale=scaling * grad_scale, dbias=db, r=r,
+                 rows_per_sample=rows_per_sample)
+    if dA is not None:
+        _project(x2, H=Lg, dW=dA.transpose(-1, -2), l_scale=grad_scale, r=r, dropout_p=dropout_p, seed=seed,
+                 offset=offset, rows_per_sample=rows_per_sample)
+    if dx is not None:
+        _gemm(gy2, weight, H=Lg, U=lora_A, Y=dx, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
+
+
 def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
                          offset, needs):
     """Gradients (dx, dA, dB, dR, dbias) in fp32 (dx in x's dtype); None where not needed."""
@@ -302,23 +358,31 @@ def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dr
     M, in_f = x2.shape
     out_f, r = weight.shape[0], lora_A.shape[0]
     dev, f32 = x2.device, torch.float32
-    need_low = need_x or need_A           # Lg = s g R feeds both dA and dx
     dB = torch.zeros((out_f, r), device=dev, dtype=f32) if need_B else None
     dR = torch.zeros((r, r), device=dev, dtype=f32) if need_R else None
     db = torch.zeros((out_f,), device=dev, dtype=f32) if need_bias else None
     dA = torch.zeros((r, in_f), device=dev, dtype=f32) if need_A else None
-    Lg = torch.empty((M, r), device=dev, dtype=f32) if need_low else None
     dx = torch.empty((M, in_f), device=dev, dtype=x2.dtype) if need_x else None
     if M == 0:
         if dx is not None:
             dx.zero_()
         return dx, dA, dB, dR, db
-    if need_low or need_B or need_R or need_bias:
-        _project(gy2, P=lora_B if (need_low or need_R) else None, out=Lg, out_scale=scaling,
-                 Q=lora_R if need_low else None, H=h, QH=lora_R.T if lora_R is not None else None,
-                 l_scale=scaling, dW=dB, dR=dR, dbias=db, r=r)
-    if need_A:
-        _project(x2, H=Lg, dW=dA.T, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
-    if need_x:
-        _gemm(gy2, weight, H=Lg, U=lora_A, Y=dx, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
+    _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+                     dx=dx, dA=dA, dB=dB, dR=dR, db=db)
     return dx, dA, dB, dR, db
+
+
+def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
+                                    offset, *, batch, need_x, ps_A, ps_B, ps_R, ps_scale):
+    """dx (M, in) in x's dtype (None unless ``need_x``), and per-sample adapter gradients scaled by
+    ``ps_scale`` and accumulated (+=) into the fp32 views ps_A (N, r, in), ps_B (N, out, r),
+    ps_R (N, r, r) (None where not trained). The per-sample sums are reductions over each
+    sample's T = M / N rows inside the same passes that form g = dY·B and dx."""
+    M, in_f = x2.shape
+    dx = torch.empty((M, in_f), device=x2.device, dtype=x2.dtype) if need_x else None
+    if M == 0:
+        return dx
+    _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+                     dx=dx, dA=ps_A, dB=ps_B, dR=ps_R, db=None, grad_scale=ps_scale,
+                     rows_per_sample=M // batch)
+    return dx

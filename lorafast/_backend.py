@@ -9,6 +9,7 @@ on CPU it picks "torch".
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 from typing import Iterator, Optional
@@ -135,11 +136,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
     return "torch"
 
 
-def triton_kernels(device: torch.device):
-    """The Triton kernels module; on CPU tensors only when running under the interpreter."""
+def triton_kernels(device: torch.device, family: str = "lora_linear"):
+    """A Triton kernels module (lorafast.kernels.<family>); on CPU tensors only when running
+    under the interpreter."""
     if device.type == "cpu" and not _INTERPRETER:
         raise RuntimeError(
             "backend='triton' on CPU tensors runs only under the Triton interpreter: set "
             "TRITON_INTERPRET=1 in the environment, or import lorafast before triton")
-    from lorafast.kernels import lora_linear as kernels
-    return kernels
+    return importlib.import_module(f"lorafast.kernels.{family}")

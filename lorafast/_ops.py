@@ -102,3 +102,75 @@ def _backward(ctx, grad_y, _grad_h):
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ DP-SGD
+
+
+@torch.library.custom_op("lorafast::lora_linear_bwd_ps", mutates_args=("ps_A", "ps_B", "ps_R"))
+def lora_linear_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                       lora_R: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float, seed: int,
+                       offset: int, batch: int, need_x: bool, ps_A: Optional[Tensor], ps_B: Optional[Tensor],
+                       ps_R: Optional[Tensor], ps_scale: float, backend: str) -> Tensor:
+    """The backward of ``lora_linear_fwd`` with per-sample adapter gradients: returns dx (empty
+    unless ``need_x``) and adds ps_scale × each sample's gradient into the fp32 buffers
+    ps_A (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained)."""
+    if backend == "triton":
+        kernels = _backend.triton_kernels(x.device)
+        dx = kernels.lora_linear_per_sample_backward(
+            _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+            batch=batch, need_x=need_x, ps_A=ps_A, ps_B=ps_B, ps_R=ps_R, ps_scale=ps_scale)
+        dx = dx.reshape(x.shape) if dx is not None else None
+    else:
+        kw = dict(scaling=scaling, dropout_p=dropout_p, seed=seed, offset=offset)
+        dx = None
+        if need_x:
+            dx = reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, lora_R, h,
+                                                needs=(True, False, False, False, False), **kw)[0]
+        needs = (ps_A is not None, ps_B is not None, ps_R is not None)
+        if batch > 0 and any(needs):
+            grads = reference.lora_linear_per_sample_grads(grad_y, x, lora_A, lora_B, lora_R, h, batch=batch,
+                                                           needs=needs, **kw)
+            for buf, g in zip((ps_A, ps_B, ps_R), grads):
+                if buf is not None:
+                    buf.add_(g.to(buf.dtype), alpha=ps_scale)
+    return dx.contiguous() if dx is not None else x.new_empty((0,))
+
+
+@lora_linear_bwd_ps.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, batch, need_x,
+      ps_A, ps_B, ps_R, ps_scale, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,))
+
+
+@torch.library.custom_op("lorafast::grad_sample_norms", mutates_args=())
+def grad_sample_norms(grad_sample: Tensor, segments: list[int], backend: str) -> Tensor:
+    """(N, P) fp32 squared norms of each sample's gradient of each parameter; grad_sample (N, D)
+    holds parameter p in columns [segments[p], segments[p+1])."""
+    if backend == "triton":
+        return _backend.triton_kernels(grad_sample.device, "dp").grad_sample_sq_norms(grad_sample, segments)
+    return reference.grad_sample_sq_norms(grad_sample, segments).to(torch.float32)
+
+
+@grad_sample_norms.register_fake
+def _(grad_sample, segments, backend):
+    return grad_sample.new_empty((grad_sample.shape[0], len(segments) - 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("lorafast::clip_reduce_noise", mutates_args=())
+def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int], max_norms: list[float],
+                      per_layer: bool, acc: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
+                      seed: int, offset: int, out_scale: float, backend: str) -> Tensor:
+    """(D,) fp32 ``(acc + Σᵢ cᵢ gᵢ + std·ξ) · out_scale``; see ``reference.clip_reduce_noise``."""
+    kw = dict(per_layer=per_layer, acc=acc, noise=noise, noise_std=noise_std, seed=seed, offset=offset,
+              out_scale=out_scale)
+    if backend == "triton":
+        kernels = _backend.triton_kernels(grad_sample.device, "dp")
+        return kernels.clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, **kw)
+    return reference.clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, **kw).to(torch.float32)
+
+
+@clip_reduce_noise.register_fake
+def _(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed, offset, out_scale,
+      backend):
+    return grad_sample.new_empty((grad_sample.shape[1],), dtype=torch.float32)

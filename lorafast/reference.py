@@ -61,6 +61,15 @@ def philox_uniform(seed: int, counters: Tensor) -> Tensor:
     return (x0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
+def philox_normal(seed: int, counters: Tensor) -> Tensor:
+    """Standard normal float32 per counter, Box–Muller on Philox words 0 and 1:
+    u1 = (x0 + 1)·2⁻³² ∈ (0, 1], u2 = (x1 >> 8)·2⁻²⁴, z = √(−2 ln u1)·cos(2π u2)."""
+    x0, x1, _, _ = philox4x32(seed, counters)
+    u1 = (x0.to(torch.float32) + 1.0) * 2.0**-32
+    u2 = (x1 >> 8).to(torch.float32) * 2.0**-24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+
+
 def dropout_keep(seed: int, offset: int, rows: int, cols: int, p: float, device=None) -> Tensor:
     """Keep mask (rows, cols) of inverted dropout: element kept iff uniform >= p."""
     idx = torch.arange(rows * cols, device=device, dtype=torch.int64) + offset
@@ -146,3 +155,86 @@ def lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tens
     if need_bias:
         dbias = G.sum(0).to(bias_dtype or grad_y.dtype)
     return dx, dA, dB, dR, dbias
+
+
+# ------------------------------------------------------------------ DP-SGD
+
+
+def lora_linear_per_sample_grads(grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                 lora_R: Optional[Tensor], h: Tensor, *, batch: int, scaling: float,
+                                 dropout_p: float, seed: int, offset: int,
+                                 needs: tuple[bool, bool, bool]) -> tuple[Optional[Tensor], ...]:
+    """Per-sample adapter gradients (dA (N, r, in), dB (N, out, r), dR (N, r, r)); None where
+    not in ``needs`` (for A, B, R). Rows of x (..., in) are ``batch`` samples of T = M / batch
+    consecutive rows each. For sample i, with Gᵢ (T×out), dᵢ = drop(xᵢ), hᵢ = dᵢAᵀ, gᵢ = GᵢB:
+        dBᵢ = s Gᵢᵀ (hᵢ Rᵀ)     dRᵢ = s gᵢᵀ hᵢ     dAᵢ = s (gᵢ R)ᵀ dᵢ
+    Summing over i gives ``lora_linear_backward``'s dA, dB, dR.
+    """
+    need_A, need_B, need_R = needs
+    acc = _acc_dtype(x)
+    in_f, out_f, r = x.shape[-1], grad_y.shape[-1], lora_A.shape[0]
+    G = grad_y.reshape(batch, -1, out_f).to(acc)
+    H = h.to(acc).reshape(batch, -1, r)
+    R = lora_R.to(acc) if lora_R is not None else None
+    g = G @ lora_B.to(acc)
+    dA = dB = dR = None
+    if need_B:
+        v = H @ R.T if R is not None else H
+        dB = scaling * G.transpose(1, 2) @ v
+    if need_R and R is not None:
+        dR = scaling * g.transpose(1, 2) @ H
+    if need_A:
+        d = _dropped(x.reshape(-1, in_f).to(acc), dropout_p, seed, offset).reshape(batch, -1, in_f)
+        gR = g @ R if R is not None else g
+        dA = scaling * gR.transpose(1, 2) @ d
+    return dA, dB, dR
+
+
+def grad_sample_sq_norms(grad_sample: Tensor, segments: list[int]) -> Tensor:
+    """Squared L2 norms (N, P) of each sample's gradient of each parameter: grad_sample (N, D)
+    holds all parameters side by side, parameter p in columns [segments[p], segments[p+1])."""
+    g = grad_sample.to(_acc_dtype(grad_sample))
+    cols = [g[:, a:b].square().sum(1) for a, b in zip(segments[:-1], segments[1:])]
+    return torch.stack(cols, 1) if cols else g.new_zeros((g.shape[0], 0))
+
+
+def clip_coefficients(sq_norms: Tensor, max_norms: list[float], per_layer: bool) -> Tensor:
+    """Clip factors min(1, C/‖gᵢ‖) from squared norms (N, P): (N, 1) for flat clipping (the
+    norm over all parameters, C = max_norms[0]) or (N, P) per parameter. A sample whose
+    gradient is not finite (its total squared norm is inf or nan) gets factor 0."""
+    total = sq_norms.sum(1, keepdim=True)
+    if per_layer:
+        bound = torch.tensor(max_norms, dtype=sq_norms.dtype, device=sq_norms.device)
+        coef = (bound / sq_norms.sqrt()).clamp(max=1.0)
+    else:
+        coef = (max_norms[0] / total.sqrt()).clamp(max=1.0)
+    return torch.where(torch.isfinite(total), coef, torch.zeros((), dtype=coef.dtype, device=coef.device))
+
+
+def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int], max_norms: list[float], *,
+                      per_layer: bool, acc: Optional[Tensor] = None, noise: Optional[Tensor] = None,
+                      noise_std: float = 0.0, seed: int = 0, offset: int = 0,
+                      out_scale: float = 1.0) -> Tensor:
+    """The DP-SGD gradient (D,) from per-sample gradients (N, D):
+
+        out = (acc + Σᵢ cᵢ gᵢ + std · ξ) · out_scale
+
+    with clip factors cᵢ from ``clip_coefficients`` (a factor-0 sample contributes exactly 0,
+    even when its gradient holds inf or nan), ``acc`` an optional running sum (D,), and ξ
+    the given ``noise`` (D,) or, when None, Philox normals for counters offset + j. No noise
+    when ``noise_std`` is 0.
+    """
+    dt = _acc_dtype(grad_sample)
+    g = grad_sample.to(dt)
+    coef = clip_coefficients(sq_norms.to(dt), max_norms, per_layer)
+    if per_layer:
+        widths = torch.tensor([b - a for a, b in zip(segments[:-1], segments[1:])], device=g.device)
+        coef = coef.repeat_interleave(widths, dim=1)
+    out = torch.where(coef > 0, g * coef, torch.zeros((), device=g.device)).sum(0)
+    if acc is not None:
+        out = out + acc.to(dt)
+    if noise_std != 0.0:
+        if noise is None:
+            noise = philox_normal(seed, torch.arange(g.shape[1], device=g.device, dtype=torch.int64) + offset)
+        out = out + noise_std * noise.to(dt)
+    return out * out_scale
