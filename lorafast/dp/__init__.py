@@ -1,0 +1,17 @@
+"""Differentially private fine-tuning of adapters (DP-SGD) with an Opacus-style API.
+
+    from lorafast.dp import PrivacyEngine, compute_epsilon, get_noise_multiplier
+
+Per-sample adapter gradients come out of the fused LoRA backward; one fused kernel clips,
+sums, adds Philox Gaussian noise and writes ``.grad``; dp-accounting's PLD accountant
+tracks ε. See ``PrivacyEngine`` and DESIGN.md §1.
+"""
+from .accountant import Accountant, compute_epsilon, get_noise_multiplier
+from .data_loader import DPDataLoader, PoissonBatchSampler
+from .ddp import DPDDP
+from .engine import PrivacyEngine
+from .grad_sample import detach, trainable_parameters
+from .optimizer import DPOptimizer
+
+__all__ = ["PrivacyEngine", "compute_epsilon", "get_noise_multiplier", "Accountant", "DPOptimizer",
+           "DPDataLoader", "PoissonBatchSampler", "DPDDP", "trainable_parameters", "detach"]

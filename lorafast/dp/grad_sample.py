@@ -1,0 +1,223 @@
+"""Per-sample gradients: where each layer's backward writes them, and which layers may train.
+
+Every trainable parameter owns columns [segments[p], segments[p+1]) of one fp32 buffer
+(N, D) per backward pass. A lorafast layer in per-sample mode writes its adapters'
+per-sample gradients there from inside its fused backward (``lorafast::lora_linear_bwd_ps``:
+reductions over each sample's rows, no activation copies, no T×T Gram matrices); a plain
+``nn.Linear`` (a classification head, say) writes Gᵢᵀ Xᵢ and Σₜ Gᵢ. Parameters' ``.grad``
+stay untouched: the optimizer forms them from this buffer at ``step()``.
+
+A backward pass opens the buffer at its first per-sample layer and seals it when autograd
+finishes (a queued engine callback), computing every squared norm in one launch. A second
+backward before ``step()`` (gradient accumulation) first folds the sealed pass into the
+optimizer's clipped running sum, so each pass is clipped with its own norms.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _backend, _random
+from ..functional import _validate
+from ..layers import LoRALinear
+
+ADAPTER_NAMES = ("lora_A", "lora_B", "lora_R")
+_STORE_ATTR = "_lorafast_grad_sample_store"
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every trainable parameter in ``module.parameters()`` order.
+
+    Raises ValueError naming any trainable parameter that per-sample mode cannot handle:
+    only lorafast adapters (lora_A, lora_B, lora_R of a LoRALinear) and the weight and bias
+    of a plain nn.Linear may train.
+    """
+    owner: dict[int, tuple[str, nn.Module, str]] = {}
+    for mod_name, mod in module.named_modules():
+        for leaf, p in mod.named_parameters(recurse=False):
+            owner.setdefault(id(p), (mod_name, mod, leaf))
+    out = []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        _, mod, leaf = owner[id(p)]
+        ok = (isinstance(mod, LoRALinear) and leaf in ADAPTER_NAMES) or \
+             (isinstance(mod, nn.Linear) and leaf in ("weight", "bias"))
+        if not ok:
+            raise ValueError(
+                f"module: trainable parameter {name!r} ({type(mod).__name__}.{leaf}) has no per-sample "
+                "gradient in lorafast.dp; only LoRALinear adapters (lora_A, lora_B, lora_R) and plain "
+                "nn.Linear weights and biases may train. Freeze it with requires_grad_(False).")
+        out.append((name, p))
+    return out
+
+
+class GradSampleStore:
+    """The per-sample gradient buffer of one private model, and its pass bookkeeping."""
+
+    def __init__(self, params: list[nn.Parameter], *, loss_reduction: str,
+                 fold: Callable[["GradSampleStore"], None], backend: Optional[str] = None):
+        self.params = params
+        self.segments = [0]
+        for p in params:
+            self.segments.append(self.segments[-1] + p.numel())
+        self._col = {id(p): (a, b) for p, a, b in zip(params, self.segments[:-1], self.segments[1:])}
+        self.loss_reduction = loss_reduction
+        self.fold = fold
+        self.backend = backend
+        self.device = params[0].device
+        self.reset()
+
+    @property
+    def width(self) -> int:
+        return self.segments[-1]
+
+    def reset(self) -> None:
+        self.buf: Optional[Tensor] = None     # (N, D) fp32 per-sample gradients
+        self.sq: Optional[Tensor] = None      # (N, P) fp32 squared norms, once sealed
+        self.batch: Optional[int] = None
+        self.state = "idle"                   # "open" during a backward pass, then "sealed"
+
+    def grad_scale(self, batch: int) -> float:
+        """Undo a mean over the batch: the loss of sample i is ℓᵢ, not ℓᵢ/N."""
+        return float(batch) if self.loss_reduction == "mean" else 1.0
+
+    def views(self, batch: int, params: list[Optional[Tensor]], where: str) -> list[Optional[Tensor]]:
+        """(N, *p.shape) views of the buffer for the given parameters (None stays None)."""
+        self._open(batch, where)
+        out = []
+        for p in params:
+            if p is None or id(p) not in self._col:
+                out.append(None)
+                continue
+            a, b = self._col[id(p)]
+            out.append(self.buf[:, a:b].view(batch, *p.shape))
+        return out
+
+    def _open(self, batch: int, where: str) -> None:
+        if self.state == "open":
+            if batch != self.batch:
+                raise RuntimeError(
+                    f"{where}: its input has batch size {batch} but an earlier layer in this backward pass "
+                    f"had {self.batch}; per-sample gradients need the batch as the first dimension of "
+                    "every layer's input")
+            return
+        if self.state == "sealed":
+            self.fold(self)      # gradient accumulation: clip the previous pass with its own norms
+        self.buf = torch.zeros((batch, self.width), device=self.device, dtype=torch.float32)
+        self.batch = batch
+        self.state = "open"
+        torch.autograd.Variable._execution_engine.queue_callback(self._seal)
+
+    def _seal(self) -> None:
+        name = _backend.select("grad_sample_norms", self.device, torch.float32, self.backend)
+        self.sq = torch.ops.lorafast.grad_sample_norms(self.buf, self.segments, name)
+        self.state = "sealed"
+
+
+def _batch_of(x: Tensor, where: str) -> int:
+    if x.dim() < 2:
+        raise ValueError(f"{where}: per-sample gradients need a batch dimension first, got input of shape "
+                         f"{tuple(x.shape)}")
+    return x.shape[0]
+
+
+class _LoRAPerSample(torch.autograd.Function):
+    """LoRALinear's forward; its backward writes per-sample adapter gradients to the store."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, lora_R, layer, store, seed, backend, dropout_p):
+        y, h = torch.ops.lorafast.lora_linear_fwd(x, layer.weight, lora_A, lora_B, layer.bias, lora_R,
+                                                  float(layer.scaling), dropout_p, seed, 0, backend)
+        ctx.save_for_backward(x, lora_A, lora_B, lora_R, h)
+        ctx.layer, ctx.store, ctx.seed, ctx.backend, ctx.dropout_p = layer, store, seed, backend, dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, A, B, R, h = ctx.saved_tensors
+        layer, store = ctx.layer, ctx.store
+        batch = x.shape[0]
+        params = [t if t is not None and t.requires_grad else None for t in (A, B, R)]
+        ps_A, ps_B, ps_R = store.views(batch, params, f"LoRALinear({layer.in_features}, {layer.out_features})")
+        need_x = ctx.needs_input_grad[0]
+        dx = torch.ops.lorafast.lora_linear_bwd_ps(
+            grad_y.contiguous(), x, layer.weight, A, B, R, h, float(layer.scaling), ctx.dropout_p, ctx.seed, 0,
+            batch, need_x, ps_A, ps_B, ps_R, store.grad_scale(batch), ctx.backend)
+        return (dx if need_x else None,) + (None,) * 8
+
+
+class _LinearPerSample(torch.autograd.Function):
+    """nn.Linear's forward; its backward writes per-sample Gᵢᵀ Xᵢ and Σₜ Gᵢ to the store."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, store):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.store = store
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias = ctx.saved_tensors
+        store = ctx.store
+        batch = x.shape[0]
+        params = [t if t is not None and t.requires_grad else None for t in (weight, bias)]
+        ps_W, ps_b = store.views(batch, params, f"nn.Linear({weight.shape[1]}, {weight.shape[0]})")
+        scale = store.grad_scale(batch)
+        if batch > 0:
+            G = grad_y.reshape(batch, -1, weight.shape[0]).to(torch.float32)
+            if ps_W is not None:
+                X = x.reshape(batch, -1, weight.shape[1]).to(torch.float32)
+                ps_W.baddbmm_(G.transpose(1, 2), X, alpha=scale)
+            if ps_b is not None:
+                ps_b.add_(G.sum(1), alpha=scale)
+        dx = grad_y @ weight if ctx.needs_input_grad[0] else None
+        return dx, None, None, None
+
+
+def _lora_forward(layer: LoRALinear, x: Tensor) -> Tensor:
+    store = getattr(layer, _STORE_ATTR)
+    where = f"LoRALinear({layer.in_features}, {layer.out_features})"
+    _batch_of(x, where)
+    p = layer.lora_dropout if layer.training else 0.0
+    _validate(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias, layer.lora_R, layer.scaling, p)
+    seed = _random.next_seed() if p > 0.0 else 0
+    backend = _backend.select("lora_linear", x.device, x.dtype, store.backend)
+    return _LoRAPerSample.apply(x, layer.lora_A, layer.lora_B, layer.lora_R, layer, store, seed, backend, p)
+
+
+def _linear_forward(layer: nn.Linear, x: Tensor) -> Tensor:
+    store = getattr(layer, _STORE_ATTR)
+    _batch_of(x, f"nn.Linear({layer.in_features}, {layer.out_features})")
+    return _LinearPerSample.apply(x, layer.weight, layer.bias, store)
+
+
+def attach(module: nn.Module, store: GradSampleStore) -> None:
+    """Route every LoRALinear and every nn.Linear with trainable parameters through per-sample mode."""
+    trainable = {id(p) for p in store.params}
+    for mod in module.modules():
+        if isinstance(mod, LoRALinear):
+            fwd = _lora_forward
+        elif isinstance(mod, nn.Linear) and any(id(p) in trainable for p in mod.parameters(recurse=False)):
+            fwd = _linear_forward
+        else:
+            continue
+        setattr(mod, _STORE_ATTR, store)
+        mod.forward = types.MethodType(fwd, mod)   # a bound method: deepcopy rebinds it to the copy
+
+
+def is_attached(module: nn.Module) -> bool:
+    return any(hasattr(m, _STORE_ATTR) for m in module.modules())
+
+
+def detach(module: nn.Module) -> None:
+    """Undo ``attach``: layers compute as before and per-sample gradients stop."""
+    for mod in module.modules():
+        if hasattr(mod, _STORE_ATTR):
+            del mod.forward
+            delattr(mod, _STORE_ATTR)
