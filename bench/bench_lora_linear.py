@@ -281,32 +281,21 @@ def print_table(p50s: dict, providers: list[str]) -> None:
             b, o = by.get(baseline), by.get(ours)
             cells.append(f"{b / o:.2f}x" if b and o else "-")
         lines.append(cells)
-    widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    print("\n" + fmt.format(*head))
-    print(fmt.format(*("-" * w for w in widths)))
-    for cells in lines:
-        print(fmt.format(*cells))
+    print("\n" + common.format_rows(head, lines))
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="only in=out=4096, r=16, N=512")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="CSV path (default bench/results/lora_linear_<gpu>.csv)")
+    common.add_cli_args(ap, KERNEL, "only in=out=4096, r=16, N=512")
     ap.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
                     help=f"default {' '.join(GPU_PROVIDERS)} (on cpu: {' '.join(CPU_PROVIDERS)})")
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="cpu: a tiny smoke run with wall-clock timing, for testing the script")
     return ap.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cpu = args.device == "cpu"
-    if not cpu and not torch.cuda.is_available():
-        common.banner("NO CUDA GPU IS PRESENT: nothing was timed.\n"
-                      "Pass --device cpu for the CPU smoke mode (tiny shape, not a performance number).")
+    if common.no_gpu_banner(args.device, "tiny shape"):
         return 0
     device = torch.device(args.device)
     if cpu:

@@ -50,6 +50,32 @@ def banner(msg: str) -> None:
     log(f"{line}\n{msg}\n{line}")
 
 
+def format_rows(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """A left-aligned text table with a rule under the header."""
+    widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+                     + [fmt.format(*cells) for cells in lines])
+
+
+def add_cli_args(ap, kernel: str, quick_help: str) -> None:
+    """The options every benchmark script shares: --quick, --out, --device."""
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"CSV path (default bench/results/{kernel}_<gpu>.csv)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: a tiny smoke run with wall-clock timing, for testing the script")
+
+
+def no_gpu_banner(device: str, what: str) -> bool:
+    """True (after a banner) when CUDA was asked for and there is none."""
+    if device == "cpu" or torch.cuda.is_available():
+        return False
+    banner("NO CUDA GPU IS PRESENT: nothing was timed.\n"
+           f"Pass --device cpu for the CPU smoke mode ({what}, not a performance number).")
+    return True
+
+
 # ------------------------------------------------------------------ machine info
 
 

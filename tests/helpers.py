@@ -1,5 +1,9 @@
 """Inputs and PyTorch baselines for lora_linear tests."""
+import csv
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -79,3 +83,23 @@ def truth(x, p, scaling, gy, dropout_p=0.0, seed=0):
     ls = leaves(x64, d)
     grads = torch.autograd.grad(y, [t for _, t in ls], gy.double()) if ls else ()
     return y, {n: g for (n, _), g in zip(ls, grads)}
+
+
+# ------------------------------------------------------------------ benchmark smoke runs
+
+ROOT = Path(__file__).resolve().parents[1]
+# Spelled out rather than imported, so that a change to the schema breaks the smoke tests.
+BENCH_SCHEMA = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "y_p50", "y_p20", "y_p80",
+                "gpu_name", "torch_version", "triton_version", "commit"]
+
+
+def run_bench_cpu(script: str, out: Path, timeout: int = 180):
+    """Run ``bench/<script> --device cpu --out out``; (the process, the CSV rows as dicts)."""
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with out.open(newline="") as f:
+        reader = csv.reader(f)
+        assert next(reader) == BENCH_SCHEMA
+        rows = [dict(zip(BENCH_SCHEMA, r)) for r in reader]
+    return proc, rows

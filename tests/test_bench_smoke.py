@@ -1,26 +1,11 @@
 """The LoRA linear benchmark runs end to end (CPU smoke mode) and writes the shared CSV schema."""
-import csv
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# Spelled out rather than imported, so that a change to the schema breaks this test.
-SCHEMA = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "y_p50", "y_p20", "y_p80",
-          "gpu_name", "torch_version", "triton_version", "commit"]
+from helpers import run_bench_cpu
 
 
 def test_bench_lora_linear_cpu_smoke(tmp_path):
-    out = tmp_path / "x.csv"
-    proc = subprocess.run([sys.executable, "bench/bench_lora_linear.py", "--device", "cpu", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    with out.open(newline="") as f:
-        reader = csv.reader(f)
-        assert next(reader) == SCHEMA
-        rows = [dict(zip(SCHEMA, r)) for r in reader]
+    _, rows = run_bench_cpu("bench_lora_linear.py", tmp_path / "x.csv", timeout=120)
 
     timed = [r for r in rows if r["provider"] != "roofline"]
     assert {r["mode"] for r in timed} == {"forward", "backward", "full"}
