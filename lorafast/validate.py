@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import _backend, reference
+from . import _backend, _ops, reference  # noqa: F401  (_ops registers the lorafast:: ops)
 from .functional import lora_linear
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -83,6 +83,59 @@ def check_lora_linear(backend: str, device: str, dtype: torch.dtype, case) -> Ro
     return Row("lora_linear", backend, device, str(dtype).replace("torch.", ""), shape, err, TOLERANCES[dtype])
 
 
+# per-sample backward: (variant, batch, T, in, out, r, dropout_p)
+PS_CASES = [
+    ("lora", 3, 5, 33, 47, 3, 0.0),
+    ("ffa", 13, 1, 40, 24, 1, 0.0),
+    ("xs", 2, 7, 17, 33, 5, 0.3),
+]
+
+
+def check_lora_per_sample(backend: str, device: str, dtype: torch.dtype, case) -> Row:
+    """lorafast::lora_linear_bwd_ps: per-sample adapter gradients and dx against float64."""
+    variant, n, T, in_f, out_f, r, p = case
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    x, gy = rnd(n, T, in_f).to(dtype), rnd(n, T, out_f).to(dtype)
+    W = (rnd(out_f, in_f) / in_f ** 0.5).to(dtype)
+    A, B = rnd(r, in_f) / in_f ** 0.5, rnd(out_f, r)
+    R = rnd(r, r) if variant == "xs" else None
+    needs = {"lora": (True, True, False), "ffa": (False, True, False), "xs": (False, False, True)}[variant]
+    shapes = ((n, r, in_f), (n, out_f, r), (n, r, r))
+    bufs = [torch.zeros(sh, device=device) if k else None for sh, k in zip(shapes, needs)]
+    kw = dict(scaling=0.5, dropout_p=p, seed=99, offset=0)
+    _, h = reference.lora_linear_forward(x, W, A, B, None, R, **kw)
+    dx = torch.ops.lorafast.lora_linear_bwd_ps(gy, x, W, A, B, R, h, 0.5, p, 99, 0, n, True, *bufs, 1.0, backend)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    want = reference.lora_linear_per_sample_grads(d(gy), d(x), d(A), d(B), d(R), d(h), batch=n, needs=needs, **kw)
+    dx_want = reference.lora_linear_backward(d(gy), d(x), d(W), d(A), d(B), d(R), d(h), needs=(True,) + (False,) * 4,
+                                             **kw)[0]
+    errs = [rel_err(b, w) for b, w in zip(bufs, want) if b is not None] + [rel_err(dx, dx_want)]
+    shape = f"{variant} N={n} T={T} in={in_f} out={out_f} r={r}" + (f" p={p}" if p else "")
+    return Row("lora_linear_bwd_ps", backend, device, str(dtype).replace("torch.", ""), shape, max(errs),
+               TOLERANCES[dtype])
+
+
+def check_clip_reduce_noise(backend: str, device: str, per_layer: bool) -> Row:
+    """lorafast::grad_sample_norms and lorafast::clip_reduce_noise against float64, with a
+    non-finite sample and Philox noise."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    segments = [0, 40, 103, 150]
+    gs = (torch.randn(9, 150, generator=g) * 3).to(device)
+    gs[4, 7] = float("inf")
+    bounds = [1.0, 0.5, 2.0] if per_layer else [2.5]
+    sq = torch.ops.lorafast.grad_sample_norms(gs, segments, backend)
+    out = torch.ops.lorafast.clip_reduce_noise(gs, sq, segments, bounds, per_layer, None, None, 0.7, 5, 2**33,
+                                               0.25, backend)
+    sq_want = reference.grad_sample_sq_norms(gs.double(), segments)
+    want = reference.clip_reduce_noise(gs.double(), sq_want, segments, bounds, per_layer=per_layer,
+                                       noise_std=0.7, seed=5, offset=2**33, out_scale=0.25)
+    finite = torch.isfinite(sq_want.sum(1))
+    err = max(rel_err(sq[finite], sq_want[finite]), rel_err(out, want))
+    shape = f"N=9 D=150 P=3 {'per_layer' if per_layer else 'flat'}, one non-finite sample"
+    return Row("clip_reduce_noise", backend, device, "float32", shape, err, TOLERANCES[torch.float32])
+
+
 def targets() -> Iterator[tuple[str, str]]:
     """(backend, device) pairs usable here."""
     yield "torch", "cpu"
@@ -93,10 +146,13 @@ def targets() -> Iterator[tuple[str, str]]:
 
 
 def run_checks(progress: Optional[callable] = None) -> list[Row]:
-    jobs = [(b, d, dt, c) for b, d in targets() for dt in TOLERANCES for c in CASES]
+    pairs = list(targets())
+    jobs = [(check_lora_linear, (b, d, dt, c)) for b, d in pairs for dt in TOLERANCES for c in CASES]
+    jobs += [(check_lora_per_sample, (b, d, dt, c)) for b, d in pairs for dt in TOLERANCES for c in PS_CASES]
+    jobs += [(check_clip_reduce_noise, (b, d, pl)) for b, d in pairs for pl in (False, True)]
     rows = []
-    for i, job in enumerate(jobs):
-        rows.append(check_lora_linear(*job))
+    for i, (fn, args) in enumerate(jobs):
+        rows.append(fn(*args))
         if progress:
             progress(i + 1, len(jobs), rows[-1])
     return rows

@@ -1,0 +1,19 @@
+"""README's DP example runs as printed and prints ε."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_dp_example_runs(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Differential privacy", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "example.py"
+    script.write_text(code.replace("range(2)", "range(1)"))   # one epoch is enough here
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    eps = [float(m) for m in re.findall(r"ε = ([0-9.]+)", proc.stdout)]
+    assert len(eps) == 1 and 0 < eps[0] < 10, proc.stdout
