@@ -13,7 +13,6 @@ dataset at rate q, the same mechanism as on one process.
 from __future__ import annotations
 
 import collections.abc
-import os
 import warnings
 
 import numpy as np
@@ -21,6 +20,8 @@ import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler,
                               SequentialSampler)
 from torch.utils.data.distributed import DistributedSampler
+
+from .noise import os_seed, secure_uniform
 
 __all__ = ["DPDataLoader", "PoissonBatchSampler"]
 
@@ -39,19 +40,6 @@ def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _os_seeded_generator() -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    return generator
-
-
-def _secure_uniform(n: int) -> torch.Tensor:
-    # 53 random bits from the OS CSPRNG per draw: uniform on the float64 grid
-    # k·2⁻⁵³ of [0, 1), so P(u < q) = ⌈q·2⁵³⌉·2⁻⁵³.
-    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
-    return torch.from_numpy(bits.astype(np.float64) * 2.0**-53)
 
 
 class PoissonBatchSampler(Sampler):
@@ -90,7 +78,7 @@ class PoissonBatchSampler(Sampler):
         self.secure_mode = bool(secure_mode)
         if self.secure_mode and generator is not None:
             raise ValueError("generator must be None with secure_mode=True (draws come from os.urandom)")
-        self.generator = None if self.secure_mode else (generator or _os_seeded_generator())
+        self.generator = None if self.secure_mode else (generator or torch.Generator().manual_seed(os_seed()))
         self._shard = torch.arange(self.rank, self.num_samples, self.world_size)
 
     @property
@@ -105,7 +93,7 @@ class PoissonBatchSampler(Sampler):
         n = len(self._shard)
         for _ in range(self.steps):
             if self.secure_mode:
-                u = _secure_uniform(n)
+                u = torch.from_numpy(secure_uniform(n))  # P(u < q) = ⌈q·2⁵³⌉·2⁻⁵³
             else:
                 u = torch.rand(n, generator=self.generator, dtype=torch.float64)
             yield self._shard[u < self.sample_rate].tolist()

@@ -26,11 +26,15 @@ def os_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
+def secure_uniform(n: int) -> np.ndarray:
+    """n float64 uniforms k·2⁻⁵³ in [0, 1), 53 bits each from the OS's CSPRNG."""
+    return (np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def secure_standard_normal(n: int, device) -> torch.Tensor:
     """n independent N(0, 1) draws (fp32) from the OS's CSPRNG, Box–Muller in float64:
     u1 ∈ (0, 1] and u2 ∈ [0, 1) have 53 random bits each."""
-    words = np.frombuffer(os.urandom(16 * n), dtype=np.uint64).reshape(2, n) >> np.uint64(11)
-    u1 = (words[0].astype(np.float64) + 1.0) * 2.0**-53
-    u2 = words[1].astype(np.float64) * 2.0**-53
+    u1 = 1.0 - secure_uniform(n)
+    u2 = secure_uniform(n)
     z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
     return torch.from_numpy(z.astype(np.float32)).to(device)
