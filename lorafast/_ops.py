@@ -174,3 +174,20 @@ def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int]
 def _(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed, offset, out_scale,
       backend):
     return grad_sample.new_empty((grad_sample.shape[1],), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ federated aggregation
+
+
+@torch.library.custom_op("lorafast::fedex_merge_", mutates_args=("weight", "compensation"))
+def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Tensor], backend: str) -> None:
+    """W += U V in place (fp32 accumulation), carrying rounding in ``compensation`` when given."""
+    if backend == "triton":
+        _backend.triton_kernels(weight.device, "fedex").fedex_merge_(weight, U, V, compensation)
+    else:
+        reference.fedex_merge_(weight, U, V, compensation)
+
+
+@fedex_merge_.register_fake
+def _(weight, U, V, compensation, backend):
+    return None

@@ -238,3 +238,65 @@ def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int]
             noise = philox_normal(seed, torch.arange(g.shape[1], device=g.device, dtype=torch.int64) + offset)
         out = out + noise_std * noise.to(dt)
     return out * out_scale
+
+
+# ------------------------------------------------------------------ federated aggregation
+
+
+def _pad_rank(client_A: list[Tensor], client_B: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack clients' factors zero-padded to the largest rank: A (k, r, in), B (k, out, r).
+    Padding adds zero rows to A and zero columns to B, so every BᵢAᵢ is unchanged."""
+    r = max(a.shape[0] for a in client_A)
+    dt = torch.promote_types(_acc_dtype(client_A[0]), _acc_dtype(client_B[0]))
+    A = torch.stack([torch.nn.functional.pad(a.to(dt), (0, 0, 0, r - a.shape[0])) for a in client_A])
+    B = torch.stack([torch.nn.functional.pad(b.to(dt), (0, r - b.shape[1])) for b in client_B])
+    return A, B
+
+
+def fedex_factors(client_A: list[Tensor], client_B: list[Tensor], p: Tensor,
+                  scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Ā, B̄, U, V) with Ā = Σ pᵢAᵢ, B̄ = Σ pᵢBᵢ and the centred, stacked factors
+
+        U = s·[p₁(B₁−B̄) … p_k(B_k−B̄)]  (out, K)      V = [A₁−Ā; …; A_k−Ā]  (K, in)
+
+    so that U V = s·Σ pᵢ(Bᵢ−B̄)(Aᵢ−Ā) = s·(Σ pᵢBᵢAᵢ − B̄Ā) when Σ pᵢ = 1 (K = k·r, ranks
+    zero-padded to the largest). The centred form has no cancellation when clients agree."""
+    A, B = _pad_rank(client_A, client_B)
+    p = p.to(A.dtype)
+    A_bar = torch.einsum("k,kri->ri", p, A)
+    B_bar = torch.einsum("k,kor->or", p, B)
+    U = (scaling * p[:, None, None] * (B - B_bar)).permute(1, 0, 2).reshape(B.shape[1], -1)
+    V = (A - A_bar).reshape(-1, A.shape[2])
+    return A_bar, B_bar, U, V
+
+
+def fedex_residual(client_A: list[Tensor], client_B: list[Tensor], client_weights=None,
+                   scaling: float = 1.0) -> Tensor:
+    """s·(Σ pᵢBᵢAᵢ − B̄Ā) (out, in) the plain way: k dense products, then subtract."""
+    k = len(client_A)
+    w = torch.ones(k, dtype=torch.float64) if client_weights is None else torch.as_tensor(client_weights,
+                                                                                            dtype=torch.float64)
+    p = (w / w.sum()).tolist()
+    A, B = _pad_rank(client_A, client_B)
+    M = sum(pi * (B[i] @ A[i]) for i, pi in enumerate(p))
+    A_bar = sum(pi * A[i] for i, pi in enumerate(p))
+    B_bar = sum(pi * B[i] for i, pi in enumerate(p))
+    return scaling * (M - B_bar @ A_bar)
+
+
+def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Tensor] = None) -> None:
+    """W += U V in place, accumulated in fp32 (fp64 for an fp64 weight).
+
+    With ``compensation`` C (fp32, W's shape), W + C is the true weight and neither loses
+    what W's dtype cannot hold:  t = C + UV,  W' = round(W + t),  C' = (W − W') + t.
+    (W − W' is exact: both are close values of W's dtype.)"""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    delta = U.to(acc) @ V.to(acc)
+    w = weight.to(acc)
+    if compensation is None:
+        weight.copy_((w + delta).to(weight.dtype))
+        return
+    t = compensation.to(acc) + delta
+    new = (w + t).to(weight.dtype)
+    compensation.copy_((w - new.to(acc)) + t)
+    weight.copy_(new)

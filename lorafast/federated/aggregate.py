@@ -1,0 +1,178 @@
+"""Server-side aggregation of clients' LoRA adapters.
+
+Averaging A and B separately (FedIT) is inexact: mean(B)·mean(A) ≠ mean(B·A).
+FedEx-LoRA keeps the average of the clients' effective weights exact by folding the
+difference into the frozen weight:
+
+    W ← W + s·(Σ pᵢBᵢAᵢ − B̄Ā) = W + s·Σ pᵢ(Bᵢ−B̄)(Aᵢ−Ā)
+
+computed as one fused pass over W with the stacked, centred factors (K = k·r).
+
+| method   | base weight                    | global adapter             | exact |
+|----------|--------------------------------|----------------------------|-------|
+| fedavg   | unchanged                      | (B̄, Ā)                     | no    |
+| fedex    | W += s·(Σ pᵢBᵢAᵢ − B̄Ā)          | (B̄, Ā)                     | yes   |
+| ffa      | unchanged (A shared, frozen)   | (B̄, A)                     | yes   |
+| flora    | unchanged                      | ([B₁…B_k], [p₁A₁; …; p_kA_k]) | yes, rank Σrᵢ |
+
+Fed-SB (LoRA-SB clients, B and A shared and frozen) averages only R: ``aggregate_r``
+is exact because B·R·A is linear in R.
+
+Precision of the base weight: the residual is typically 1e-3–1e-5 of W, which bf16
+(8 bits of mantissa) mostly rounds away. Keep an fp32 master ``weight`` (4 bytes per
+element) or pass a bf16/fp16 weight with an fp32 ``compensation`` of the same shape
+(2 + 4 bytes per element, but the model itself stays in half precision): it carries
+what rounding dropped, so ``weight.float() + compensation`` is the true weight.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _ops, reference  # noqa: F401  (_ops registers the lorafast:: ops)
+
+METHODS = ("fedavg", "fedex", "ffa", "flora")
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class AggregateResult:
+    """``weight`` is the tensor passed in (updated in place by "fedex"); ``lora_A`` (r, in)
+    and ``lora_B`` (out, r) are the global adapters; ``residual`` is (U, V) with the update
+    W += U V that "fedex" applied (U includes the scaling), for clients to apply too."""
+    weight: Tensor
+    lora_A: Tensor
+    lora_B: Tensor
+    residual: Optional[tuple[Tensor, Tensor]] = None
+
+
+def _normalise(client_weights, k: int, device) -> Tensor:
+    """p (k,) float64 on device, Σ p = 1."""
+    if client_weights is None:
+        return torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
+    try:
+        w = torch.as_tensor(client_weights, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"client_weights must be {k} numbers, got {client_weights!r}") from None
+    if w.numel() != k:
+        raise ValueError(f"client_weights must have one weight per client ({k}), got {w.numel()}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"client_weights must be finite and >= 0, got {w.tolist()}")
+    if w.sum() <= 0:
+        raise ValueError("client_weights must not all be zero")
+    return (w / w.sum()).to(device)
+
+
+def _check_clients(client_A: Sequence[Tensor], client_B: Sequence[Tensor], out_in: Optional[tuple]) -> None:
+    if not isinstance(client_A, (list, tuple)) or not isinstance(client_B, (list, tuple)):
+        raise ValueError("client_A and client_B must be lists of tensors, one per client")
+    if len(client_A) == 0:
+        raise ValueError("client_A is empty: aggregate needs at least one client")
+    if len(client_A) != len(client_B):
+        raise ValueError(f"client_A has {len(client_A)} clients but client_B has {len(client_B)}")
+    out_f, in_f = out_in if out_in is not None else (client_B[0].shape[0], client_A[0].shape[-1])
+    for i, (a, b) in enumerate(zip(client_A, client_B)):
+        for name, t in (("client_A", a), ("client_B", b)):
+            if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
+                raise ValueError(f"{name}[{i}] must be a 2-D floating-point tensor")
+        if a.shape[1] != in_f or b.shape[0] != out_f or b.shape[1] != a.shape[0]:
+            raise ValueError(f"client {i}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} must be "
+                             f"(r, {in_f}) and ({out_f}, r) with the same r")
+        if a.device != client_A[0].device or b.device != client_A[0].device:
+            raise ValueError(f"client {i}'s adapters are not on {client_A[0].device} like client 0's")
+    # one host sync for all clients' finiteness
+    finite = torch.stack([torch.isfinite(a).all() & torch.isfinite(b).all()
+                          for a, b in zip(client_A, client_B)]).tolist()
+    if not all(finite):
+        raise ValueError(f"client {finite.index(False)} sent a non-finite adapter (inf or nan)")
+
+
+def _check_weight(weight: Tensor, compensation: Optional[Tensor], device) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D (out, in) tensor")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight must be fp32, bf16 or fp16, got {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but the client adapters are on {device}")
+    if compensation is not None:
+        if not isinstance(compensation, Tensor) or compensation.dtype != torch.float32 \
+                or compensation.shape != weight.shape or compensation.device != weight.device:
+            raise ValueError(f"compensation must be an fp32 tensor of weight's shape {tuple(weight.shape)} "
+                             f"on {weight.device}")
+
+
+def aggregate(weight: Tensor, client_A: Sequence[Tensor], client_B: Sequence[Tensor], *,
+              method: str = "fedex", client_weights=None, scaling: float = 1.0,
+              compensation: Optional[Tensor] = None, backend: Optional[str] = None) -> AggregateResult:
+    """Aggregate k clients' adapters of one layer (see the module docstring for the methods).
+
+    Args:
+        weight: (out, in) frozen base weight, fp32 (a master copy) or bf16/fp16. "fedex"
+            updates it in place; the other methods leave it untouched.
+        client_A, client_B: lists of (rᵢ, in) and (out, rᵢ). "fedex" and "fedavg" accept
+            different ranks (zero-padded to the largest, which keeps fedex exact).
+        client_weights: k non-negative numbers (e.g. example counts), normalised to pᵢ;
+            default equal.
+        scaling: the adapters' s (lora_alpha / r).
+        compensation: fp32 tensor of weight's shape carrying what rounding a half-precision
+            weight drops ("fedex"); updated in place.
+        backend: "torch", "triton" or None (automatic) for the merge.
+
+    Everything is validated before anything is written: on a ValueError, weight and
+    compensation are bit-identical to before.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    _check_clients(client_A, client_B, tuple(weight.shape) if isinstance(weight, Tensor) and weight.dim() == 2
+                   else None)
+    device = client_A[0].device
+    _check_weight(weight, compensation, device)
+    k = len(client_A)
+    p = _normalise(client_weights, k, device)
+    like = client_A[0]
+
+    if method == "ffa":
+        for i, a in enumerate(client_A[1:], 1):
+            if a.shape != like.shape or not torch.equal(a, like):
+                raise ValueError(f"method='ffa' needs every client to share A exactly; client {i}'s A differs "
+                                 "from client 0's")
+        B = torch.stack([b.to(torch.float64) for b in client_B])
+        B_bar = torch.einsum("k,kor->or", p, B).to(client_B[0].dtype)
+        return AggregateResult(weight, like.clone(), B_bar)
+    if method == "flora":
+        A = torch.cat([(pi * a.to(torch.float64)).to(a.dtype) for pi, a in zip(p.tolist(), client_A)])
+        B = torch.cat(list(client_B), dim=1)
+        return AggregateResult(weight, A, B.clone())
+
+    A_bar, B_bar, U, V = reference.fedex_factors(list(client_A), list(client_B), p, float(scaling))
+    result = AggregateResult(weight, A_bar.to(like.dtype), B_bar.to(client_B[0].dtype))
+    if method == "fedex":
+        f32 = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        U, V = U.to(f32).contiguous(), V.to(f32).contiguous()
+        name = _backend.select("fedex_merge", weight.device, weight.dtype, backend)
+        torch.ops.lorafast.fedex_merge_(weight, U, V, compensation, name)
+        result.residual = (U, V)
+    return result
+
+
+def aggregate_r(client_R: Sequence[Tensor], client_weights=None) -> Tensor:
+    """Fed-SB: the weighted mean Σ pᵢRᵢ of the clients' r×r matrices (exact: B·R·A is linear
+    in R when B and A are shared), accumulated in float64 and returned in R's dtype."""
+    if not isinstance(client_R, (list, tuple)) or len(client_R) == 0:
+        raise ValueError("client_R must be a non-empty list of (r, r) tensors")
+    first = client_R[0]
+    for i, R in enumerate(client_R):
+        if not isinstance(R, Tensor) or R.dim() != 2 or R.shape[0] != R.shape[1] or R.shape != first.shape:
+            raise ValueError(f"client_R[{i}] must be an (r, r) tensor like client_R[0] {tuple(first.shape)}, got "
+                             f"{tuple(R.shape) if isinstance(R, Tensor) else type(R).__name__}")
+        if not torch.isfinite(R).all():
+            raise ValueError(f"client {i} sent a non-finite R (inf or nan)")
+    p = _normalise(client_weights, len(client_R), first.device)
+    return torch.einsum("k,kab->ab", p, torch.stack([R.to(torch.float64) for R in client_R])).to(first.dtype)
