@@ -459,11 +459,8 @@ def print_table(p50s: dict, providers: list[str], cpu: bool) -> None:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_cli_args(ap, KERNEL, "batch 16 only, fewer timed steps")
-    ap.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
-                    help=f"default: all of {' '.join(ALL_PROVIDERS)}")
-    return ap.parse_args(argv)
+    return common.parse_cli(argv, __doc__, KERNEL, "batch 16 only, fewer timed steps", ALL_PROVIDERS,
+                            f"default: all of {' '.join(ALL_PROVIDERS)}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -285,11 +285,8 @@ def print_table(p50s: dict, providers: list[str]) -> None:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_cli_args(ap, KERNEL, "only in=out=4096, r=16, N=512")
-    ap.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
-                    help=f"default {' '.join(GPU_PROVIDERS)} (on cpu: {' '.join(CPU_PROVIDERS)})")
-    return ap.parse_args(argv)
+    return common.parse_cli(argv, __doc__, KERNEL, "only in=out=4096, r=16, N=512", ALL_PROVIDERS,
+                            f"default {' '.join(GPU_PROVIDERS)} (on cpu: {' '.join(CPU_PROVIDERS)})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,6 +5,7 @@ first so that it can switch Triton to its interpreter before Triton loads.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import re
 import subprocess
@@ -58,13 +59,16 @@ def format_rows(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
                      + [fmt.format(*cells) for cells in lines])
 
 
-def add_cli_args(ap, kernel: str, quick_help: str) -> None:
-    """The options every benchmark script shares: --quick, --out, --device."""
+def parse_cli(argv, doc: str, kernel: str, quick_help: str, providers: Sequence[str], providers_help: str):
+    """The options every benchmark script shares: --quick, --out, --device, --providers."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--out", type=Path, default=None,
                     help=f"CSV path (default bench/results/{kernel}_<gpu>.csv)")
+    ap.add_argument("--providers", nargs="+", choices=providers, default=None, help=providers_help)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: a tiny smoke run with wall-clock timing, for testing the script")
+    return ap.parse_args(argv)
 
 
 def no_gpu_banner(device: str, what: str) -> bool:

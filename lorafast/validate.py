@@ -136,6 +136,26 @@ def check_clip_reduce_noise(backend: str, device: str, per_layer: bool) -> Row:
     return Row("clip_reduce_noise", backend, device, "float32", shape, err, TOLERANCES[torch.float32])
 
 
+def check_fedex_merge(backend: str, device: str, dtype: torch.dtype) -> Row:
+    """lorafast::fedex_merge_ through ``aggregate``: W + s·B̄Ā against Σ pᵢ(W + s·BᵢAᵢ) in float64;
+    half-precision weights carry an fp32 compensation, so W + C is compared."""
+    from .federated import aggregate
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    out_f, in_f, ranks, w = 45, 38, (3, 1, 4), [2.0, 1.0, 5.0]
+    A, B = [rnd(r, in_f) for r in ranks], [rnd(out_f, r) for r in ranks]
+    W = rnd(out_f, in_f).to(dtype)
+    comp = torch.zeros(out_f, in_f, device=device) if dtype != torch.float32 else None
+    p = torch.tensor(w, dtype=torch.float64) / sum(w)
+    truth = sum(pi * (W.double() + 0.5 * b.double() @ a.double()) for pi, a, b in zip(p.tolist(), A, B))
+    res = aggregate(W, A, B, client_weights=w, scaling=0.5, compensation=comp, backend=backend)
+    merged = W.double() + (comp.double() if comp is not None else 0)
+    err = rel_err(merged + 0.5 * res.lora_B.double() @ res.lora_A.double(), truth)
+    extra = " + fp32 compensation" if comp is not None else ""
+    return Row("fedex_merge", backend, device, str(dtype).replace("torch.", ""),
+               f"k=3 ranks={ranks} W={out_f}x{in_f}{extra}", err, TOLERANCES[torch.float32])
+
+
 def targets() -> Iterator[tuple[str, str]]:
     """(backend, device) pairs usable here."""
     yield "torch", "cpu"
@@ -150,6 +170,7 @@ def run_checks(progress: Optional[callable] = None) -> list[Row]:
     jobs = [(check_lora_linear, (b, d, dt, c)) for b, d in pairs for dt in TOLERANCES for c in CASES]
     jobs += [(check_lora_per_sample, (b, d, dt, c)) for b, d in pairs for dt in TOLERANCES for c in PS_CASES]
     jobs += [(check_clip_reduce_noise, (b, d, pl)) for b, d in pairs for pl in (False, True)]
+    jobs += [(check_fedex_merge, (b, d, dt)) for b, d in pairs for dt in TOLERANCES]
     rows = []
     for i, (fn, args) in enumerate(jobs):
         rows.append(fn(*args))
