@@ -1,0 +1,623 @@
+"""Flower strategy for exact federated aggregation of LoRA adapters.
+
+``FedExLoRA`` is Flower's message-based ``FedAvg`` (``flwr.serverapp.strategy``,
+Flower ≥ 1.20) with the adapters aggregated by ``lorafast.federated.aggregate``:
+
+| method   | server master base W          | global adapters sent            | exact |
+|----------|-------------------------------|---------------------------------|-------|
+| "fedavg" | unchanged                     | (Ā, B̄)                          | no    |
+| "fedex"  | W += s·(Σ pᵢBᵢAᵢ − B̄Ā)         | (Ā, B̄) + the residual of W      | yes   |
+| "ffa"    | unchanged (A shared, frozen)  | (A, B̄)                          | yes   |
+| "flora"  | W += s·Σ pᵢBᵢAᵢ (merged)       | (Ā, 0) + the residual of W      | yes   |
+
+pᵢ are the clients' example counts (the ``"num-examples"`` metric, as FedAvg),
+normalised. The server holds an fp32 master copy of every adapted layer's base
+weight; after a round the global model is ``W + s·B̄Ā`` and equals the weighted
+average of the clients' models ``Σ pᵢ(W + s·BᵢAᵢ)`` for the exact methods. FLoRA
+merges the stacked adapters into W and restarts the adapters from (Ā, B = 0), so
+every client shares one rank per layer here (one global adapter is broadcast).
+
+**Records.** For a LoRALinear layer named ``P`` (its ``named_modules()`` name),
+adapters travel as ``P.lora_A`` (r, in) and ``P.lora_B`` (out, r), base weights as
+``P.weight`` (out, in), and the base update as ``P.residual_U`` (out, K) and
+``P.residual_V`` (K, in) with ``W_new = W_old + U V``. Any other array in the
+clients' replies (a trainable head, or Fed-SB's ``P.lora_R``, whose mean is exact
+when A and B are shared) is averaged with the same weights, as FedAvg does.
+Clients reply with one ArrayRecord (``adapter_arrays(model)``) and one
+MetricRecord holding ``"num-examples"`` and, to keep the base in sync,
+``BASE_VERSION_KEY``.
+
+**Keeping the clients' frozen bases equal to the master copy.** For "fedex" and
+"flora" W changes every round, by ``U V`` with rank K = k·r (k clients of rank r;
+the centred FedEx factors have rank ≤ (k−1)·r). The server sends that change as
+low-rank factors rather than the updated weights, because they are cheaper while
+K·(out+in) < out·in. Each change bumps a base version; the server remembers which
+version each node holds (the version it sent, then the one the node reports in
+``BASE_VERSION_KEY``) and sends every message its node's catch-up:
+
+* a node that took part in the last round gets that round's (U, V);
+* a node that missed m rounds gets the m rounds' factors concatenated
+  (K = Σ Kⱼ), or ``P.weight`` itself once that is cheaper;
+* a node never heard of starts at version 0 (the ``base_weights`` given here,
+  which must equal the clients' pretrained bases); a node whose reply was lost or
+  failed gets ``P.weight`` (copying it is idempotent).
+
+The versions travel as the int64 array ``"lorafast.base_version"`` = [from, to]
+(from = −1 when every layer is sent whole). ``apply_global_adapters`` applies
+a payload once: given the node's ``base_version`` it skips residuals it already
+has, refuses ones for another version, and returns the new version. The server
+keeps factors only while they can still beat sending the weight, so its history
+is at most about one extra copy of the adapted weights.
+
+**Communication per round and adapted layer** (out × in, rank r, k clients,
+4 bytes per fp32 number): each client uploads r·(out+in); each client downloads
+r·(out+in) of adapters plus, for "fedex"/"flora", the residual K·(out+in) with
+K = k·r, so (k+1)·r·(out+in) in all, against out·in for the updated weight. For a
+4096 × 4096 projection with r = 16 and k = 8: 0.5 MiB of adapters, 4 MiB of
+residual, 64 MiB for the weight. Factors stop paying at K ≥ out·in/(out+in)
+(2048 here, e.g. 128 clients of rank 16). "fedavg" and "ffa" send the adapters
+only (FFA's A never changes; it is resent for simplicity).
+
+Server side::
+
+    strategy = FedExLoRA("fedex", scaling=layer.scaling, base_weights=base_weights(model))
+    result = strategy.start(grid=grid, initial_arrays=adapter_arrays(model), num_rounds=3)
+
+Client side (``context.state`` keeps the node's base and its version between
+rounds; see examples/flower_fedex.py)::
+
+    version = apply_global_adapters(model, msg.content["arrays"], base_version=version)
+    ... train the adapters ...
+    reply = RecordDict({"arrays": adapter_arrays(model),
+                        "metrics": MetricRecord({"num-examples": n, BASE_VERSION_KEY: version})})
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from .. import reference
+from ..federated import METHODS, aggregate
+from ..layers import LoRALinear
+
+__all__ = ["FedExLoRA", "apply_global_adapters", "adapter_arrays", "base_arrays", "base_weights",
+           "BASE_VERSION_KEY", "SYNC_KEY", "METHODS"]
+
+BASE_VERSION_KEY = "lorafast.base-version"   # MetricRecord key: the base version a client holds
+SYNC_KEY = "lorafast.base_version"           # ArrayRecord key: int64 [from, to] of a payload
+_ADAPTER = (".lora_A", ".lora_B")
+_RESIDUAL = (".residual_U", ".residual_V")
+_BASE_CHANGING = ("fedex", "flora")
+
+ArraysLike = Union[ArrayRecord, Mapping[str, Union[Array, np.ndarray, Tensor]]]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _tensor(value) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, Array):
+        return torch.from_numpy(value.numpy())
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise ValueError(f"expected an Array, numpy array or tensor, got {type(value).__name__}")
+
+
+def _array(t: Tensor) -> Array:
+    return Array(np.ascontiguousarray(t.detach().cpu().numpy()))
+
+
+def _split_key(key: str, suffixes) -> Optional[tuple[str, str]]:
+    for suffix in suffixes:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], suffix
+    return None
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_arrays(model: nn.Module) -> ArrayRecord:
+    """The adapters of every LoRALinear in ``model`` as an ArrayRecord: ``P.lora_A``,
+    ``P.lora_B`` (and ``P.lora_R`` for the XS/SB variants), what a client sends back."""
+    out = {}
+    for name, layer in _lora_layers(model).items():
+        for attr in ("lora_A", "lora_B", "lora_R"):
+            p = getattr(layer, attr)
+            if p is not None:
+                out[f"{name}.{attr}"] = _array(p)
+    return ArrayRecord(out)
+
+
+def base_arrays(model: nn.Module) -> ArrayRecord:
+    """The frozen base weights of every LoRALinear in ``model`` as ``P.weight`` entries
+    (``apply_global_adapters`` copies them back, e.g. to restore a client's base)."""
+    return ArrayRecord({f"{name}.weight": _array(layer.weight) for name, layer in _lora_layers(model).items()})
+
+
+def base_weights(model: nn.Module) -> dict[str, Tensor]:
+    """{P: weight} for every LoRALinear in ``model``, for ``FedExLoRA(base_weights=...)``."""
+    return {name: layer.weight.detach() for name, layer in _lora_layers(model).items()}
+
+
+@torch.no_grad()
+def apply_global_adapters(model: nn.Module, arrays: ArraysLike, *, base_version: Optional[int] = None,
+                          compensation: Optional[Mapping[str, Tensor]] = None) -> Optional[int]:
+    """Load what the server sent into ``model`` and return the base version it now holds.
+
+    For each LoRALinear layer ``P`` of ``model``: ``P.lora_A``/``P.lora_B`` (and
+    ``P.lora_R``) are copied into its adapters, ``P.weight`` into its base weight, and
+    ``P.residual_U``/``P.residual_V`` are added to the base, ``W ← W + U V`` with the
+    product and the sum in fp32 and the result cast to W's dtype (the server's own
+    merge, so an fp32 base stays bit-equal to the master copy). ``compensation``
+    ({P: fp32 tensor of W's shape}) carries what a half-precision W rounds away,
+    as ``lorafast.federated.aggregate`` does. Any other key must name a parameter or
+    buffer of ``model`` and is copied there (e.g. an averaged head).
+
+    ``base_version`` is the version this model's base holds (None: apply without
+    checking). Residuals it already has are skipped; residuals that start from another
+    version raise ValueError. Everything is checked before anything is written.
+    """
+    layers = _lora_layers(model)
+    if not isinstance(arrays, Mapping):
+        raise ValueError(f"arrays must be an ArrayRecord or a mapping of arrays, got {type(arrays).__name__}")
+    tensors = {k: _tensor(v) for k, v in arrays.items()}
+    meta = tensors.pop(SYNC_KEY, None)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+
+    copies: list[tuple[Tensor, Tensor, str]] = []
+    residuals: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        split = _split_key(key, _ADAPTER + (".lora_R", ".weight") + _RESIDUAL)
+        if split is not None and split[0] in layers:
+            prefix, suffix = split
+            if suffix in _RESIDUAL:
+                residuals.setdefault(prefix, {})[suffix] = value
+                continue
+            target = getattr(layers[prefix], suffix[1:])
+        else:
+            target = named.get(key)
+        if target is None:
+            raise ValueError(f"arrays[{key!r}] matches no LoRALinear adapter, base weight or parameter of model")
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"arrays[{key!r}] has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
+        copies.append((target, value, key))
+
+    for prefix, pair in residuals.items():
+        layer = layers[prefix]
+        if len(pair) != 2:
+            raise ValueError(f"arrays has only one of {prefix}.residual_U and {prefix}.residual_V")
+        if f"{prefix}.weight" in tensors:
+            raise ValueError(f"arrays has both {prefix}.weight and a residual for it")
+        U, V = pair[".residual_U"], pair[".residual_V"]
+        if U.dim() != 2 or V.dim() != 2 or U.shape[0] != layer.out_features or V.shape[1] != layer.in_features \
+                or U.shape[1] != V.shape[0]:
+            raise ValueError(f"arrays[{prefix}.residual_U/V] have shapes {tuple(U.shape)}, {tuple(V.shape)}; expected "
+                             f"({layer.out_features}, K) and (K, {layer.in_features})")
+        if compensation is not None and prefix in compensation:
+            c = compensation[prefix]
+            if not isinstance(c, Tensor) or c.dtype != torch.float32 or c.shape != layer.weight.shape:
+                raise ValueError(f"compensation[{prefix!r}] must be an fp32 tensor of shape "
+                                 f"{tuple(layer.weight.shape)}")
+
+    version_from = version_to = None
+    if meta is not None:
+        if meta.numel() != 2:
+            raise ValueError(f"arrays[{SYNC_KEY!r}] must hold [from, to], got {meta.tolist()}")
+        version_from, version_to = (int(v) for v in meta.tolist())
+    apply_residuals = bool(residuals)
+    if residuals and base_version is not None and version_to is not None:
+        if base_version == version_to:
+            apply_residuals = False          # already applied: the payload was delivered twice
+        elif base_version != version_from:
+            raise ValueError(f"base_version is {base_version} but the residuals in arrays update version "
+                             f"{version_from} to {version_to}; the server must resend the base weights")
+
+    for target, value, _ in copies:
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+    if apply_residuals:
+        for prefix, pair in residuals.items():
+            w = layers[prefix].weight
+            U = pair[".residual_U"].to(device=w.device, dtype=torch.float32)
+            V = pair[".residual_V"].to(device=w.device, dtype=torch.float32)
+            comp = None if compensation is None else compensation.get(prefix)
+            reference.fedex_merge_(w.data, U, V, comp)
+    return version_to if version_to is not None else base_version
+
+
+def _drop_version(fn: Callable[[list[RecordDict], str], MetricRecord]):
+    """Wrap a metrics aggregation so that the clients' base versions are not averaged."""
+    def wrapped(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        metrics = fn(records, weighting_key)
+        if metrics is not None and BASE_VERSION_KEY in metrics:
+            del metrics[BASE_VERSION_KEY]
+        return metrics
+    return wrapped
+
+
+def _check_fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- strategy
+
+class FedExLoRA(FedAvg):
+    """FedAvg whose LoRA adapters are aggregated exactly (see the module docstring).
+
+    Args:
+        method: "fedex" (default), "fedavg", "ffa" or "flora" (``lorafast.federated.METHODS``).
+        scaling: the adapters' s = lora_alpha / r, one number or {P: s} per layer.
+        base_weights: {P: (out, in) tensor} of every adapted layer's frozen base (keys
+            may also read ``P.weight``); copied to an fp32 master on the tensors'
+            device. Required for "fedex" and "flora", optional for "fedavg" and "ffa"
+            (then only used for shape checks and ``merged_weights``).
+        backend: kernel backend of the FedEx merge (None: automatic).
+        fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
+        min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
+        train_metrics_aggr_fn, evaluate_metrics_aggr_fn: as Flower's ``FedAvg``.
+    """
+
+    # pylint: disable=too-many-arguments,too-many-locals
+    def __init__(self, method: str = "fedex", *, scaling: Union[float, Mapping[str, float]],
+                 base_weights: Optional[Mapping[str, Tensor]] = None, backend: Optional[str] = None,
+                 fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2,
+                 min_evaluate_nodes: int = 2, min_available_nodes: int = 2,
+                 weighted_by_key: str = "num-examples", arrayrecord_key: str = "arrays",
+                 configrecord_key: str = "config",
+                 train_metrics_aggr_fn: Optional[Callable[[list[RecordDict], str], MetricRecord]] = None,
+                 evaluate_metrics_aggr_fn: Optional[Callable[[list[RecordDict], str], MetricRecord]] = None) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        _check_fraction("fraction_train", fraction_train)
+        _check_fraction("fraction_evaluate", fraction_evaluate)
+        for name, value in (("min_train_nodes", min_train_nodes), ("min_evaluate_nodes", min_evaluate_nodes),
+                            ("min_available_nodes", min_available_nodes)):
+            _check_count(name, value)
+        if not isinstance(weighted_by_key, str) or not weighted_by_key:
+            raise ValueError(f"weighted_by_key must be a non-empty string, got {weighted_by_key!r}")
+        self.method = method
+        self.backend = backend
+        self._base: Optional[dict[str, Tensor]] = self._master_copy(base_weights)
+        self._scaling = self._check_scaling(scaling)
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
+                         min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
+                         arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+                         train_metrics_aggr_fn=train_metrics_aggr_fn,
+                         evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
+        self.train_metrics_aggr_fn = _drop_version(self.train_metrics_aggr_fn)
+        self.evaluate_metrics_aggr_fn = _drop_version(self.evaluate_metrics_aggr_fn)
+        # Base versions: version v is the master after v base updates. _history[j] holds
+        # {P: (U, V)} of the update from version _history_start + j to the next one.
+        self._version = 0
+        self._history: list[dict[str, tuple[Tensor, Tensor]]] = []
+        self._history_start = 0
+        self._node_version: dict[int, Optional[int]] = {}   # None: unknown, send P.weight
+        self._awaiting: set[int] = set()                    # messaged, reply not seen yet
+
+    # -- configuration checks
+
+    def _master_copy(self, weights) -> Optional[dict[str, Tensor]]:
+        if weights is None:
+            if self.method in _BASE_CHANGING:
+                raise ValueError(f"base_weights is required for method={self.method!r}: the server keeps the "
+                                 "master copy of every adapted layer's base weight")
+            return None
+        if not isinstance(weights, Mapping) or not weights:
+            raise ValueError("base_weights must be a non-empty dict {layer name: (out, in) tensor}")
+        master = {}
+        for key, w in weights.items():
+            name = key[: -len(".weight")] if isinstance(key, str) and key.endswith(".weight") else key
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"base_weights keys must be layer names, got {key!r}")
+            if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+                raise ValueError(f"base_weights[{key!r}] must be a 2-D floating-point tensor (out, in)")
+            if name in master:
+                raise ValueError(f"base_weights names layer {name!r} twice")
+            if not torch.isfinite(w).all():
+                raise ValueError(f"base_weights[{key!r}] is not finite")
+            master[name] = w.detach().to(torch.float32).clone().contiguous()
+        return master
+
+    def _check_scaling(self, scaling) -> Union[float, dict[str, float]]:
+        def number(v, where):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{where} must be a finite number, got {v!r}")
+            return float(v)
+        if isinstance(scaling, Mapping):
+            table = {k: number(v, f"scaling[{k!r}]") for k, v in scaling.items()}
+            missing = sorted(set(self._base or ()) - set(table))
+            if missing:
+                raise ValueError(f"scaling has no value for layers {missing}")
+            return table
+        return number(scaling, "scaling")
+
+    def scaling_of(self, layer: str) -> float:
+        """The adapter scaling s of ``layer``."""
+        if isinstance(self._scaling, dict):
+            if layer not in self._scaling:
+                raise ValueError(f"scaling has no value for layer {layer!r}")
+            return self._scaling[layer]
+        return self._scaling
+
+    @property
+    def base_weights(self) -> Optional[dict[str, Tensor]]:
+        """The fp32 master copy {P: W} (live tensors; None if not tracked)."""
+        return self._base
+
+    @property
+    def base_version(self) -> int:
+        """How many base updates the master copy has had."""
+        return self._version
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> LoRA aggregation: method=%s, %s adapted layers, base version %d", self.method,
+            "untracked" if self._base is None else len(self._base), self._version)
+        super().summary()
+
+    def _check_adapter_shapes(self, prefix: str, a_shape, b_shape, where: str) -> None:
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise ValueError(f"{where}: {prefix}.lora_A {tuple(a_shape)} and {prefix}.lora_B {tuple(b_shape)} "
+                             "must be (r, in) and (out, r)")
+        if self._base is None:
+            return
+        if prefix not in self._base:
+            raise ValueError(f"base_weights has no entry for layer {prefix!r} whose adapters are in {where}")
+        out_f, in_f = self._base[prefix].shape
+        if a_shape[1] != in_f or b_shape[0] != out_f:
+            raise ValueError(f"{where}: {prefix}.lora_A {tuple(a_shape)} and {prefix}.lora_B {tuple(b_shape)} do "
+                             f"not fit base_weights[{prefix!r}] of shape ({out_f}, {in_f})")
+
+    def _check_global_arrays(self, arrays: ArrayRecord) -> None:
+        """Fail before any client trains: every adapter sent must fit a known base weight."""
+        layers: dict[str, dict[str, tuple]] = {}
+        for key, value in arrays.items():
+            split = _split_key(key, _ADAPTER)
+            if split is not None:
+                layers.setdefault(split[0], {})[split[1]] = tuple(value.shape)
+        for prefix, shapes in layers.items():
+            if len(shapes) != 2:
+                raise ValueError(f"initial_arrays has only one of {prefix}.lora_A and {prefix}.lora_B")
+            self._check_adapter_shapes(prefix, shapes[".lora_A"], shapes[".lora_B"], "initial_arrays")
+
+    # -- sending: every message carries its node's catch-up of the base
+
+    def _sync_payload(self, version: Optional[int]) -> dict[str, Array]:
+        current = self._version
+        if version == current:
+            return {SYNC_KEY: Array(np.array([current, current], dtype=np.int64))}
+        entries = None
+        if version is not None and self._history_start <= version < current:
+            entries = self._history[version - self._history_start:]
+        payload: dict[str, Array] = {}
+        whole = 0
+        for name, w in self._base.items():
+            out_f, in_f = w.shape
+            if entries is not None:
+                factors = [e[name] for e in entries if name in e]
+                rank = sum(u.shape[1] for u, _ in factors)
+                if rank == 0:
+                    continue
+                if rank * (out_f + in_f) < out_f * in_f:
+                    payload[f"{name}.residual_U"] = _array(torch.cat([u for u, _ in factors], dim=1))
+                    payload[f"{name}.residual_V"] = _array(torch.cat([v for _, v in factors], dim=0))
+                    continue
+            payload[f"{name}.weight"] = _array(w)
+            whole += 1
+        start = -1 if whole == len(self._base) else version
+        payload[SYNC_KEY] = Array(np.array([start, current], dtype=np.int64))
+        return payload
+
+    def _is_base_entry(self, key: str) -> bool:
+        if key == SYNC_KEY:
+            return True
+        split = _split_key(key, (".weight",) + _RESIDUAL)
+        return split is not None and split[0] in self._base
+
+    def with_base_sync(self, messages: Iterable[Message]) -> list[Message]:
+        """Add to each message's ArrayRecord what its node needs to bring its base to the
+        master copy (nothing for "fedavg"/"ffa"). ``configure_train`` and
+        ``configure_evaluate`` use it; use it too for messages of your own (e.g. a final
+        query), and pass the replies to ``note_replies``."""
+        messages = list(messages)
+        if self.method not in _BASE_CHANGING:
+            return messages
+        payloads: dict[Optional[int], dict[str, Array]] = {}
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            version = self._node_version.get(node, 0)
+            if version not in payloads:
+                payloads[version] = self._sync_payload(version)
+            content = msg.content
+            key = self.arrayrecord_key if self.arrayrecord_key in content.array_records else None
+            arrays = content.array_records[key] if key is not None else ArrayRecord()
+            # the catch-up replaces any base entries of adapted layers the caller put in
+            merged = {k: v for k, v in arrays.items() if not self._is_base_entry(k)}
+            merged.update(payloads[version])
+            records = {k: v for k, v in content.items() if k != key}
+            records[key or self.arrayrecord_key] = ArrayRecord(merged)
+            md = msg.metadata
+            out.append(Message(RecordDict(records), dst_node_id=node, message_type=md.message_type,
+                               ttl=md.ttl, group_id=md.group_id or None))
+            self._node_version[node] = self._version
+            self._awaiting.add(node)
+        return out
+
+    def note_replies(self, replies: Iterable[Message]) -> None:
+        """Record the base version each replying node reports; a node that failed or did
+        not reply is unknown and gets the whole base weights next time."""
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            self._awaiting.discard(node)
+            if msg.has_error():
+                self._node_version[node] = None
+                continue
+            for metrics in msg.content.metric_records.values():
+                if BASE_VERSION_KEY in metrics:
+                    v = metrics[BASE_VERSION_KEY]
+                    ok = isinstance(v, numbers.Real) and float(v).is_integer() and 0 <= v <= self._version
+                    self._node_version[node] = int(v) if ok else None
+        for node in self._awaiting:
+            self._node_version[node] = None
+        self._awaiting.clear()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._check_global_arrays(arrays)
+        return self.with_base_sync(super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.with_base_sync(super().configure_evaluate(server_round, arrays, config, grid))
+
+    # -- aggregation
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        replies = list(replies)
+        self.note_replies(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        weights = [next(iter(c.metric_records.values()))[self.weighted_by_key] for c in contents]
+        if any(isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0
+               for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"the clients' {self.weighted_by_key!r} metrics must be finite, >= 0 and not all "
+                             f"zero, got {weights}")
+        weights = [float(w) for w in weights]
+        records = [next(iter(c.array_records.values())) for c in contents]
+        arrays = self._aggregate_arrays(records, weights)
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        replies = list(replies)
+        self.note_replies(replies)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def _aggregate_arrays(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
+        keys = list(records[0].keys())
+        layers = sorted({s[0] for k in keys if (s := _split_key(k, _ADAPTER))})
+        client_A, client_B = {}, {}
+        for prefix in layers:
+            if f"{prefix}.lora_A" not in records[0] or f"{prefix}.lora_B" not in records[0]:
+                raise ValueError(f"client replies carry only one of {prefix}.lora_A and {prefix}.lora_B")
+            device = self._base[prefix].device if self._base is not None and prefix in self._base else "cpu"
+            A = [_tensor(r[f"{prefix}.lora_A"]).to(device) for r in records]
+            B = [_tensor(r[f"{prefix}.lora_B"]).to(device) for r in records]
+            for i, (a, b) in enumerate(zip(A, B)):
+                self._check_adapter_shapes(prefix, tuple(a.shape), tuple(b.shape), f"client reply {i}")
+                if a.shape != A[0].shape:
+                    raise ValueError(f"client reply {i}: {prefix}.lora_A has shape {tuple(a.shape)} but client 0's "
+                                     f"is {tuple(A[0].shape)}; one global adapter is broadcast, so all clients "
+                                     "must share each layer's rank")
+                if not (a.is_floating_point() and b.is_floating_point()):
+                    raise ValueError(f"client reply {i}: {prefix} adapters must be floating point")
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise ValueError(f"client reply {i}: {prefix} adapters are not finite")
+            if self.method == "ffa" and any(not torch.equal(a, A[0]) for a in A[1:]):
+                raise ValueError(f"method='ffa' needs every client to share {prefix}.lora_A exactly")
+            self.scaling_of(prefix)
+            client_A[prefix], client_B[prefix] = A, B
+
+        # Everything is checked: from here on the master copy changes.
+        out: dict[str, Array] = {}
+        update: dict[str, tuple[Tensor, Tensor]] = {}
+        p = torch.tensor(weights, dtype=torch.float64)
+        p = p / p.sum()
+        for prefix in layers:
+            A, B = client_A[prefix], client_B[prefix]
+            s = self.scaling_of(prefix)
+            if self._base is not None:
+                weight = self._base[prefix]
+            else:  # fedavg / ffa leave W alone: a stride-0 stand-in of the right shape
+                weight = torch.zeros(1, 1, device=A[0].device).expand(B[0].shape[0], A[0].shape[1])
+            res = aggregate(weight, A, B, method=self.method, client_weights=weights, scaling=s,
+                            backend=self.backend)
+            if self.method == "fedex":
+                update[prefix] = res.residual
+                lora_A, lora_B = res.lora_A, res.lora_B
+            elif self.method == "flora":
+                # W += s·[B₁…B_k][p₁A₁; …; p_kA_k]; the adapters restart from (Ā, 0)
+                U, V = (s * res.lora_B.to(torch.float32)).contiguous(), res.lora_A.to(torch.float32).contiguous()
+                reference.fedex_merge_(weight, U, V)
+                update[prefix] = (U, V)
+                pd = p.to(A[0].device)
+                lora_A = torch.einsum("k,kri->ri", pd, torch.stack([a.double() for a in A])).to(A[0].dtype)
+                lora_B = torch.zeros_like(B[0])
+            else:
+                lora_A, lora_B = res.lora_A, res.lora_B
+            out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = _array(lora_A), _array(lora_B)
+
+        for key in keys:  # everything else: FedAvg's weighted mean, accumulated in float64
+            if _split_key(key, _ADAPTER):
+                continue
+            values = [r[key].numpy() for r in records]
+            mean = sum(float(w) * v.astype(np.float64) for w, v in zip(p.tolist(), values))
+            out[key] = Array(np.asarray(mean).astype(values[0].dtype))
+
+        if update:
+            self._history.append(update)
+            self._version += 1
+            self._prune_history()
+        return ArrayRecord(out)
+
+    def _prune_history(self) -> None:
+        """Drop updates that no catch-up will use: once the factors from an update to now
+        cost more than the weight for every layer, older nodes get the weight anyway."""
+        rank = {name: 0 for name in self._base}
+        keep = 0
+        for j in range(len(self._history) - 1, -1, -1):
+            useful = False
+            for name, (u, _) in self._history[j].items():
+                rank[name] += u.shape[1]
+            for name, w in self._base.items():
+                if rank[name] and rank[name] * (w.shape[0] + w.shape[1]) < w.shape[0] * w.shape[1]:
+                    useful = True
+            if not useful:
+                break
+            keep += 1
+        drop = len(self._history) - keep
+        if drop:
+            del self._history[:drop]
+            self._history_start += drop
+
+    # -- inspection
+
+    def merged_weights(self, arrays: ArraysLike) -> dict[str, Tensor]:
+        """{P: W + s·B A} (fp32) for the global adapters in ``arrays`` (e.g. ``result.arrays``):
+        the global model's effective weights."""
+        if self._base is None:
+            raise ValueError("merged_weights needs base_weights")
+        out = {}
+        for prefix, w in self._base.items():
+            if f"{prefix}.lora_A" not in arrays or f"{prefix}.lora_B" not in arrays:
+                raise ValueError(f"arrays has no adapters for layer {prefix!r}")
+            A = _tensor(arrays[f"{prefix}.lora_A"]).to(device=w.device, dtype=torch.float32)
+            B = _tensor(arrays[f"{prefix}.lora_B"]).to(device=w.device, dtype=torch.float32)
+            out[prefix] = w + self.scaling_of(prefix) * (B @ A)
+        return out
