@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _rtne_bf16_bits, interpreted
+from .lora_linear import _rtne_bf16_bits, grouped_tile, interpreted
 
 
 @triton.jit
@@ -30,14 +30,7 @@ def _fedex_merge_kernel(W, stride_wm, stride_wn, C, stride_cm, stride_cn,
                         U, stride_um, stride_uk, V, stride_vk, stride_vn, M, N, K,
                         HAS_COMP: tl.constexpr, ROUND_BF16: tl.constexpr, PREC: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)

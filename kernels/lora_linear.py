@@ -34,6 +34,18 @@ from .random import dropout_keep
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles in a row
+    share each column tile of the right-hand operand while it is in L2."""
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_m, (pid % in_group) // group_m
+
+
+@triton.jit
 def _load_rr(ptr, stride_a, stride_b, r, R_PAD: tl.constexpr):
     """A zero-padded (R_PAD, R_PAD) fp32 tile of an r×r matrix."""
     ra = tl.arange(0, R_PAD)
@@ -145,15 +157,7 @@ def _lora_gemm_kernel(
     DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped tile order: GROUP_M row-tiles share each W column-tile while it is in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
