@@ -31,7 +31,9 @@ def _grads(model):
     return {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _assert_grads(got, want, tol=1e-5):
+def _assert_grads(got, want, tol=5e-5):
+    """fp32 against float64; a sum of clipped per-sample gradients can partly cancel (the
+    excess over fp32 rounding reached 6e-6 over 300 random inputs), a real bug is O(1)."""
     assert set(got) == set(want)
     for k in want:
         err = ((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item()
