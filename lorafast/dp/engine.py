@@ -120,7 +120,7 @@ class PrivacyEngine:
             expected = float(data_loader.batch_size)
             sample_rate = min(1.0, data_loader.batch_size * world / n_data)
 
-        store = GradSampleStore([p for _, p in named], loss_reduction=loss_reduction, fold=lambda s: None,
+        store = GradSampleStore([p for _, p in named], loss_reduction=loss_reduction,
                                 backend=backend)
         dp_optimizer = DPOptimizer(optimizer, store=store, noise_multiplier=noise_multiplier,
                                    max_grad_norm=bounds, per_layer=clipping == "per_layer",

@@ -61,14 +61,15 @@ class GradSampleStore:
     """The per-sample gradient buffer of one private model, and its pass bookkeeping."""
 
     def __init__(self, params: list[nn.Parameter], *, loss_reduction: str,
-                 fold: Callable[["GradSampleStore"], None], backend: Optional[str] = None):
+                 backend: Optional[str] = None):
         self.params = params
         self.segments = [0]
         for p in params:
             self.segments.append(self.segments[-1] + p.numel())
         self._col = {id(p): (a, b) for p, a, b in zip(params, self.segments[:-1], self.segments[1:])}
         self.loss_reduction = loss_reduction
-        self.fold = fold
+        # set by the DPOptimizer that owns this store: clips a sealed pass into its running sum
+        self.fold: Optional[Callable[["GradSampleStore"], None]] = None
         self.backend = backend
         self.device = params[0].device
         self.reset()

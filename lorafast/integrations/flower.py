@@ -88,7 +88,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from .. import reference
+from .. import _backend, reference
 from ..federated import METHODS, aggregate
 from ..layers import LoRALinear
 
@@ -564,7 +564,8 @@ class FedExLoRA(FedAvg):
             elif self.method == "flora":
                 # W += s·[B₁…B_k][p₁A₁; …; p_kA_k]; the adapters restart from (Ā, 0)
                 U, V = (s * res.lora_B.to(torch.float32)).contiguous(), res.lora_A.to(torch.float32).contiguous()
-                reference.fedex_merge_(weight, U, V)
+                merge = _backend.select("fedex_merge", weight.device, weight.dtype, self.backend)
+                torch.ops.lorafast.fedex_merge_(weight, U, V, None, merge)
                 update[prefix] = (U, V)
                 pd = p.to(A[0].device)
                 lora_A = torch.einsum("k,kri->ri", pd, torch.stack([a.double() for a in A])).to(A[0].dtype)
