@@ -5,9 +5,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import _random
+from . import _backend, _random
 from .functional import lora_linear
 
 VARIANTS = ("lora", "ffa", "xs", "sb")
@@ -28,11 +29,20 @@ class LoRALinear(nn.Module):
         LoRA-XS and gradient-based LoRA-SB initialisations replace it.
 
     The base weight and bias are frozen; adapters are fp32 whatever the base dtype.
+
+    ``fan_in_fan_out=True`` stores ``weight`` as (in, out), the layout of GPT-2's
+    ``Conv1D`` (y = x W + b), so that the layer can share a Conv1D's parameter and
+    keep its checkpoint layout; ``base_weight`` is always the (out, in) view and
+    everything that reads or writes the base goes through it.
+
+    ``merge()`` folds s·B(R)A into the base weight for inference, after which the
+    forward is the plain linear map; ``unmerge()`` takes it out again.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, bias: bool = True, *, variant: str = "lora",
-                 use_rslora: bool = False, device=None, dtype=None, seed: Optional[int] = None):
+                 use_rslora: bool = False, device=None, dtype=None, seed: Optional[int] = None,
+                 fan_in_fan_out: bool = False):
         super().__init__()
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive integer, got {r!r}")
@@ -45,11 +55,13 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
         self.variant, self.use_rslora = variant, use_rslora
+        self.fan_in_fan_out, self.merged = bool(fan_in_fan_out), False
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.seed = _random.next_seed() if seed is None else int(seed)
         fkw = dict(device=device, dtype=dtype)
         akw = dict(device=device, dtype=torch.float32)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fkw), requires_grad=False)
+        shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **fkw), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **fkw), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **akw), requires_grad=variant in ("lora",))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **akw), requires_grad=variant in ("lora", "ffa"))
@@ -59,7 +71,7 @@ class LoRALinear(nn.Module):
     def reset_parameters(self) -> None:
         """Base weight as nn.Linear; adapters as the variant's docstring says."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5))
             if self.bias is not None:
                 bound = 1 / math.sqrt(self.in_features)
                 nn.init.uniform_(self.bias, -bound, bound)
@@ -79,34 +91,85 @@ class LoRALinear(nn.Module):
                 self.lora_B.copy_(q[:, : self.r])
                 self.lora_R.zero_()
 
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight as (out, in), a view of ``weight`` whatever its layout."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+    def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     variant: str = "lora", use_rslora: bool = False, seed: Optional[int] = None) -> "LoRALinear":
-        """Wrap an existing ``nn.Linear``: its weight and bias are shared (and frozen), not copied."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout,
-                    bias=linear.bias is not None, variant=variant, use_rslora=use_rslora,
-                    device="meta", dtype=w.dtype, seed=seed)
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        if linear.bias is not None:
-            layer.bias = linear.bias
-            layer.bias.requires_grad_(False)
+        """Wrap an existing ``nn.Linear`` or transformers ``Conv1D`` (GPT-2's transposed linear):
+        its weight and bias are shared (and frozen), not copied."""
+        weight, bias, fan_in_fan_out = base_parameters(linear, "linear")
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+        layer = cls(in_f, out_f, r, lora_alpha, lora_dropout, bias=bias is not None, variant=variant,
+                    use_rslora=use_rslora, device="meta", dtype=weight.dtype, seed=seed,
+                    fan_in_fan_out=fan_in_fan_out)
+        layer.weight = weight.requires_grad_(False)
+        if bias is not None:
+            layer.bias = bias.requires_grad_(False)
         for name in ("lora_A", "lora_B", "lora_R"):
             p = getattr(layer, name)
             if p is not None:
-                setattr(layer, name, nn.Parameter(torch.empty(p.shape, device=w.device, dtype=torch.float32),
+                setattr(layer, name, nn.Parameter(torch.empty(p.shape, device=weight.device, dtype=torch.float32),
                                                   requires_grad=p.requires_grad))
         layer.reset_adapters()
         return layer
 
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) with U V = s·B(R)A, the adapter's update of the (out, in) base weight, in fp32
+        (fp64 for an fp64 base)."""
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        B = self.lora_B.detach().to(acc)
+        if self.lora_R is not None:
+            B = B @ self.lora_R.detach().to(acc)
+        return B * self.scaling, self.lora_A.detach().to(acc)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += s·B(R)A in W's dtype (fp32 accumulation); the forward then skips the adapter."""
+        if self.merged:
+            raise ValueError("this LoRALinear is already merged")
+        self._fold(1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W −= s·B(R)A: undoes ``merge`` up to one rounding of W's dtype per element each way."""
+        if not self.merged:
+            raise ValueError("this LoRALinear is not merged")
+        self._fold(-1.0)
+        self.merged = False
+
+    def _fold(self, sign: float) -> None:
+        U, V = self.delta_factors()
+        w = self.base_weight
+        name = _backend.select("fedex_merge", w.device, w.dtype, None)
+        torch.ops.lorafast.fedex_merge_(w, (U * sign).contiguous(), V.contiguous(), None, name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
+        if self.merged:
+            return F.linear(x, self.base_weight, self.bias)
+        return lora_linear(x, self.base_weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
                            lora_R=self.lora_R, dropout_p=self.lora_dropout if self.training else 0.0)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, variant={self.variant!r}, scaling={self.scaling:g}, "
-                f"lora_dropout={self.lora_dropout}, bias={self.bias is not None}")
+                f"lora_dropout={self.lora_dropout}, bias={self.bias is not None}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + (", merged=True" if self.merged else ""))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and kin): a linear layer whose weight is (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def base_parameters(module: nn.Module, what: str) -> tuple[nn.Parameter, Optional[nn.Parameter], bool]:
+    """(weight, bias, fan_in_fan_out) of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias, False
+    if is_conv1d(module):
+        return module.weight, module.bias, True
+    raise ValueError(f"{what} must be an nn.Linear or a transformers Conv1D, got {type(module).__name__}")

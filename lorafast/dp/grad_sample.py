@@ -133,7 +133,7 @@ class _LoRAPerSample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, lora_R, layer, store, seed, backend, dropout_p):
-        y, h = torch.ops.lorafast.lora_linear_fwd(x, layer.weight, lora_A, lora_B, layer.bias, lora_R,
+        y, h = torch.ops.lorafast.lora_linear_fwd(x, layer.base_weight, lora_A, lora_B, layer.bias, lora_R,
                                                   float(layer.scaling), dropout_p, seed, 0, backend)
         ctx.save_for_backward(x, lora_A, lora_B, lora_R, h)
         ctx.layer, ctx.store, ctx.seed, ctx.backend, ctx.dropout_p = layer, store, seed, backend, dropout_p
@@ -148,7 +148,7 @@ class _LoRAPerSample(torch.autograd.Function):
         ps_A, ps_B, ps_R = store.views(batch, params, f"LoRALinear({layer.in_features}, {layer.out_features})")
         need_x = ctx.needs_input_grad[0]
         dx = torch.ops.lorafast.lora_linear_bwd_ps(
-            grad_y.contiguous(), x, layer.weight, A, B, R, h, float(layer.scaling), ctx.dropout_p, ctx.seed, 0,
+            grad_y.contiguous(), x, layer.base_weight, A, B, R, h, float(layer.scaling), ctx.dropout_p, ctx.seed, 0,
             batch, need_x, ps_A, ps_B, ps_R, store.grad_scale(batch), ctx.backend)
         return (dx if need_x else None,) + (None,) * 8
 
@@ -185,8 +185,11 @@ def _lora_forward(layer: LoRALinear, x: Tensor) -> Tensor:
     store = getattr(layer, _STORE_ATTR)
     where = f"LoRALinear({layer.in_features}, {layer.out_features})"
     _batch_of(x, where)
+    if layer.merged:
+        raise RuntimeError(f"{where} is merged (its adapter is folded into the base weight); "
+                           "call lorafast.unmerge_adapters(model) before private training")
     p = layer.lora_dropout if layer.training else 0.0
-    _validate(x, layer.weight, layer.lora_A, layer.lora_B, layer.bias, layer.lora_R, layer.scaling, p)
+    _validate(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.bias, layer.lora_R, layer.scaling, p)
     seed = _random.next_seed() if p > 0.0 else 0
     backend = _backend.select("lora_linear", x.device, x.dtype, store.backend)
     return _LoRAPerSample.apply(x, layer.lora_A, layer.lora_B, layer.lora_R, layer, store, seed, backend, p)

@@ -19,7 +19,7 @@ every client shares one rank per layer here (one global adapter is broadcast).
 
 **Records.** For a LoRALinear layer named ``P`` (its ``named_modules()`` name),
 adapters travel as ``P.lora_A`` (r, in) and ``P.lora_B`` (out, r), base weights as
-``P.weight`` (out, in), and the base update as ``P.residual_U`` (out, K) and
+``P.weight`` (out, in) (GPT-2 Conv1D bases too: ``LoRALinear.base_weight``), and the base update as ``P.residual_U`` (out, K) and
 ``P.residual_V`` (K, in) with ``W_new = W_old + U V``. Any other array in the
 clients' replies (a trainable head, or Fed-SB's ``P.lora_R``, whose mean is exact
 when A and B are shared) is averaged with the same weights, as FedAvg does.
@@ -148,12 +148,12 @@ def adapter_arrays(model: nn.Module) -> ArrayRecord:
 def base_arrays(model: nn.Module) -> ArrayRecord:
     """The frozen base weights of every LoRALinear in ``model`` as ``P.weight`` entries
     (``apply_global_adapters`` copies them back, e.g. to restore a client's base)."""
-    return ArrayRecord({f"{name}.weight": _array(layer.weight) for name, layer in _lora_layers(model).items()})
+    return ArrayRecord({f"{name}.weight": _array(layer.base_weight) for name, layer in _lora_layers(model).items()})
 
 
 def base_weights(model: nn.Module) -> dict[str, Tensor]:
     """{P: weight} for every LoRALinear in ``model``, for ``FedExLoRA(base_weights=...)``."""
-    return {name: layer.weight.detach() for name, layer in _lora_layers(model).items()}
+    return {name: layer.base_weight.detach() for name, layer in _lora_layers(model).items()}
 
 
 @torch.no_grad()
@@ -191,7 +191,7 @@ def apply_global_adapters(model: nn.Module, arrays: ArraysLike, *, base_version:
             if suffix in _RESIDUAL:
                 residuals.setdefault(prefix, {})[suffix] = value
                 continue
-            target = getattr(layers[prefix], suffix[1:])
+            target = layers[prefix].base_weight if suffix == ".weight" else getattr(layers[prefix], suffix[1:])
         else:
             target = named.get(key)
         if target is None:
@@ -213,9 +213,9 @@ def apply_global_adapters(model: nn.Module, arrays: ArraysLike, *, base_version:
                              f"({layer.out_features}, K) and (K, {layer.in_features})")
         if compensation is not None and prefix in compensation:
             c = compensation[prefix]
-            if not isinstance(c, Tensor) or c.dtype != torch.float32 or c.shape != layer.weight.shape:
+            if not isinstance(c, Tensor) or c.dtype != torch.float32 or c.shape != layer.base_weight.shape:
                 raise ValueError(f"compensation[{prefix!r}] must be an fp32 tensor of shape "
-                                 f"{tuple(layer.weight.shape)}")
+                                 f"{tuple(layer.base_weight.shape)}")
 
     version_from = version_to = None
     if meta is not None:
@@ -234,7 +234,7 @@ def apply_global_adapters(model: nn.Module, arrays: ArraysLike, *, base_version:
         target.copy_(value.to(device=target.device, dtype=target.dtype))
     if apply_residuals:
         for prefix, pair in residuals.items():
-            w = layers[prefix].weight
+            w = layers[prefix].base_weight
             U = pair[".residual_U"].to(device=w.device, dtype=torch.float32)
             V = pair[".residual_V"].to(device=w.device, dtype=torch.float32)
             comp = None if compensation is None else compensation.get(prefix)
