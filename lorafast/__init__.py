@@ -3,6 +3,11 @@ from ._backend import available_backends, set_backend, use_backend
 from ._random import manual_seed
 from .functional import lora_linear
 from .layers import LoRALinear
+from . import init
+from .interop import (from_peft, inject_adapters, load_adapters, merge_adapters, save_adapters,
+                      unmerge_adapters)
 
-__all__ = ["lora_linear", "LoRALinear", "available_backends", "set_backend", "use_backend", "manual_seed"]
+__all__ = ["lora_linear", "LoRALinear", "available_backends", "set_backend", "use_backend", "manual_seed",
+           "inject_adapters", "from_peft", "save_adapters", "load_adapters", "merge_adapters", "unmerge_adapters",
+           "init"]
 __version__ = "0.1.0"

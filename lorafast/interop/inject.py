@@ -1,0 +1,70 @@
+"""Adapters into an existing model: inject, merge, unmerge."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from torch import nn
+
+from ..layers import VARIANTS, LoRALinear
+from .targets import freeze_all_but_adapters, hf_root, lora_layers, match_targets, replace
+
+
+def check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
+
+
+def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]], *, r: int = 8,
+                    lora_alpha: float = 8, lora_dropout: float = 0.0, variant: str = "lora",
+                    use_rslora: bool = False) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` (or GPT-2 ``Conv1D``) that ``target_modules``
+    selects with a fused ``LoRALinear`` sharing its frozen weight and bias, and freeze every
+    other parameter of ``model``. Returns ``model``.
+
+    ``target_modules``: module-name suffixes as PEFT's (``["q_proj", "v_proj"]``) or
+    ``"all-linear"`` (every linear layer but the output layer). A Conv1D keeps its (in, out)
+    weight (``LoRALinear(fan_in_fan_out=True)``), so the state dict keeps its layout.
+    Nothing is changed when an argument is refused."""
+    check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora)
+    root = hf_root(model)
+    names = match_targets(model, target_modules)
+    new = {n: LoRALinear.from_linear(root.get_submodule(n), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                     variant=variant, use_rslora=use_rslora) for n in names}
+    for n, layer in new.items():
+        replace(root, n, layer)
+    freeze_all_but_adapters(root)
+    return model
+
+
+def _all_layers(model: nn.Module, merged: bool, verb: str) -> list[LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"model has no LoRALinear layers to {verb}")
+    wrong = [n for n, m in layers.items() if m.merged == merged]
+    if wrong:
+        raise ValueError(f"cannot {verb}: layers {wrong[:5]}{' ...' if len(wrong) > 5 else ''} are "
+                         f"{'already merged' if merged else 'not merged'}")
+    return list(layers.values())
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold s·B(R)A into every LoRALinear's base weight (inference without the adapter cost).
+    Checked for every layer before any is changed."""
+    for layer in _all_layers(model, merged=True, verb="merge"):
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo ``merge_adapters``: W is restored up to W's dtype rounding (exact in fp64)."""
+    for layer in _all_layers(model, merged=False, verb="unmerge"):
+        layer.unmerge()
+    return model
