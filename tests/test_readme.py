@@ -17,3 +17,17 @@ def test_readme_dp_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     eps = [float(m) for m in re.findall(r"ε = ([0-9.]+)", proc.stdout)]
     assert len(eps) == 1 and 0 < eps[0] < 10, proc.stdout
+
+
+def test_readme_peft_example_runs(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Hugging Face and PEFT", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    losses = [float(m) for m in re.findall(r"loss ([0-9.]+)", proc.stdout)]
+    assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "my-adapter" / "adapter_config.json").is_file()
