@@ -347,3 +347,22 @@ def test_example_simulation_tiny():
         assert all(0 < v < 20 for v in values), values      # both methods' train and eval losses
     assert "fedavg train" in proc.stdout and "fedex train" in proc.stdout
     assert "OK: every client's base equals the server's master copy" in proc.stdout
+
+
+def test_gpt2_conv1d_base_travels_and_merges_as_out_by_in():
+    """A Conv1D base is stored (in, out): records carry it as (out, in) and the residual
+    U V (out, in) lands in it transposed."""
+    transformers = pytest.importorskip("transformers")
+    import lorafast
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=31, n_positions=8)
+    model = lorafast.inject_adapters(transformers.GPT2LMHeadModel(cfg), ["c_attn"], r=2)
+    name = "transformer.h.0.attn.c_attn"
+    conv_w = model.get_submodule(name).weight
+    before = conv_w.detach().clone()
+    assert tuple(base_weights(model)[name].shape) == (48, 16)
+    torch.testing.assert_close(base_weights(model)[name], before.T)
+    U, V = torch.randn(48, 3), torch.randn(3, 16)
+    apply_global_adapters(model, {f"{name}.residual_U": U, f"{name}.residual_V": V})
+    assert tuple(conv_w.shape) == (16, 48)
+    torch.testing.assert_close(conv_w.detach(), before + (U @ V).T)

@@ -19,8 +19,9 @@ every client shares one rank per layer here (one global adapter is broadcast).
 
 **Records.** For a LoRALinear layer named ``P`` (its ``named_modules()`` name),
 adapters travel as ``P.lora_A`` (r, in) and ``P.lora_B`` (out, r), base weights as
-``P.weight`` (out, in) (GPT-2 Conv1D bases too: ``LoRALinear.base_weight``), and the base update as ``P.residual_U`` (out, K) and
-``P.residual_V`` (K, in) with ``W_new = W_old + U V``. Any other array in the
+``P.weight`` (out, in) (a GPT-2 Conv1D base too: ``LoRALinear.base_weight``), and
+the base update as ``P.residual_U`` (out, K) and ``P.residual_V`` (K, in) with
+``W_new = W_old + U V``. Any other array in the
 clients' replies (a trainable head, or Fed-SB's ``P.lora_R``, whose mean is exact
 when A and B are shared) is averaged with the same weights, as FedAvg does.
 Clients reply with one ArrayRecord (``adapter_arrays(model)``) and one
