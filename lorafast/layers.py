@@ -88,7 +88,9 @@ class LoRALinear(nn.Module):
                 self.lora_B.zero_()
             else:
                 q, _ = torch.linalg.qr(torch.randn(self.out_features, self.r, generator=gen))
-                self.lora_B.copy_(q[:, : self.r])
+                B = torch.zeros(self.lora_B.shape)
+                B[:, : q.shape[1]] = q        # r > out: only out orthonormal columns exist
+                self.lora_B.copy_(B)
                 self.lora_R.zero_()
 
     @property
