@@ -44,9 +44,7 @@ provider raises.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -265,17 +263,6 @@ BUILDERS = {"lorafast-nonprivate": build_nonprivate, "lorafast-dp": build_lorafa
             "opacus": build_opacus(ghost=False), "opacus-ghost": build_opacus(ghost=True)}
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------ gradient check
 
 
@@ -305,7 +292,7 @@ def dp_update(provider: str, cfg: Config, device: torch.device, clip: float) -> 
     case = BUILDERS[provider](cfg, device, noise=0.0, clip=clip, lr=CHECK_LR)
     before = {k: p.detach().clone() for k, p in case.params.items()}
     case.step()
-    sync(device)
+    common.sync(device)
     return {k: (before[k] - p.detach()) / CHECK_LR for k, p in case.params.items()}
 
 
@@ -330,7 +317,7 @@ def check_gradients(cfg: Config, providers: list[str], device: torch.device) -> 
                f"tolerance {tol:g} per tensor; per-sample reference loop ...")
     ref, clip, n_clipped = reference_clipped_grads(cfg, device)
     common.log(f"  clipping bound C = {clip:.4g} (median per-sample norm): {n_clipped}/{cfg.batch} samples clipped")
-    free(device)
+    common.free(device)
     updates, failed = {}, []
     for p in common.progress(dp, desc="gradient check"):
         try:
@@ -340,7 +327,7 @@ def check_gradients(cfg: Config, providers: list[str], device: torch.device) -> 
             failed.append(p)
             continue
         finally:
-            free(device)
+            common.free(device)
         if not compare(updates[p], ref, tol, f"{p} vs reference:"):
             failed.append(p)
     if "lorafast-dp" in updates and "opacus" in updates:
@@ -357,31 +344,11 @@ def check_gradients(cfg: Config, providers: list[str], device: torch.device) -> 
 
 
 def peak_memory_mb(case: Case, device: torch.device, steps: int = 3) -> list[float]:
-    """(p50, p20, p80) of torch.cuda.max_memory_allocated over one step, in MB (2**20 bytes)."""
-    peaks = []
-    for _ in range(steps):
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        case.step()
-        sync(device)
-        peaks.append(torch.cuda.max_memory_allocated(device) / 2 ** 20)
-    return common._quantiles(peaks)
+    return common.cuda_peak_mb(case.step, device, steps)
 
 
 def time_step(case: Case, device: torch.device, quick: bool) -> list[float]:
-    """(p50, p20, p80) ms per step. On a GPU the repetitions are sized from a rough
-    estimate so that even a slow provider gets a few tens of timed steps."""
-    if device.type != "cuda":
-        return common.bench_cpu(case.step)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        case.step()
-    sync(device)
-    est_ms = (time.perf_counter() - t0) * 1e3 / 3
-    n = 10 if quick else 30
-    return common.bench_cuda(case.step, warmup_ms=max(100, int(3 * est_ms)),
-                             rep_ms=min(30_000, max(1_000, int(n * est_ms))))
+    return common.time_train_step(case.step, device, quick)
 
 
 def run_provider(provider: str, cfg: Config, device: torch.device, env: dict, quick: bool,
@@ -408,7 +375,7 @@ def run_provider(provider: str, cfg: Config, device: torch.device, env: dict, qu
         return [], not provider.startswith("lorafast")
     finally:
         case = None
-        free(device)
+        common.free(device)
     common.log(f"{cfg.label:18s} {provider:20s} " + ", ".join(line))
     return rows, True
 

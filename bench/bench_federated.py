@@ -55,7 +55,6 @@ raises.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 from dataclasses import dataclass
@@ -275,12 +274,6 @@ def bound(cfg: Config, rl: dict) -> str:
     return "memory" if cfg.bytes_moved() / bw >= cfg.flops() / rate else "compute"
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_config(cfg: Config, providers: list[str], device: torch.device, env: dict, rl: dict,
                p50s: dict) -> tuple[list[dict], list[str]]:
     """Check, then time, every provider on ``cfg``; returns CSV rows and what failed."""
@@ -290,7 +283,7 @@ def run_config(cfg: Config, providers: list[str], device: torch.device, env: dic
         want, mean_term = invariant_sides(inp)
     except torch.cuda.OutOfMemoryError as e:
         common.banner(f"OUT OF MEMORY building {cfg.label}: no rows.\n{str(e).splitlines()[0]}")
-        free(device)
+        common.free(device)
         return [], []
     roof = roofline_ms(cfg, rl)
     entry = {"roofline_ms": roof, "bound": bound(cfg, rl), "by": {}}
@@ -315,7 +308,7 @@ def run_config(cfg: Config, providers: list[str], device: torch.device, env: dic
             continue
         finally:
             weight = comp = None  # the timed copy, before the next provider's
-            free(device)
+            common.free(device)
         frac = [roof / t for t in (q[0], q[2], q[1])]  # a slow run is a low fraction
         rows.append(common.row(KERNEL, provider, MODE, "time", "ms", X_NAME, cfg.label, q, env))
         rows.append(common.row(KERNEL, provider, MODE, "roofline_fraction", "fraction", X_NAME, cfg.label,
@@ -325,7 +318,7 @@ def run_config(cfg: Config, providers: list[str], device: torch.device, env: dic
         common.log(f"{cfg.label:44s} {provider:16s} p50 {q[0]:.4f} ms, roofline {roof:.4f} ms "
                    f"({frac[0]:.2f} of it), check rel. err {err:.2e}")
     inp = want = mean_term = None
-    free(device)
+    common.free(device)
     return rows, failed
 
 

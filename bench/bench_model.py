@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import math
 import sys
 import time
@@ -211,17 +210,6 @@ def make_batch(cfg: Config, device: torch.device) -> torch.Tensor:
     return torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g).to(device)
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------ the check
 
 
@@ -365,36 +353,20 @@ class LiveBytes(TorchDispatchMode):
 def peak_memory_mb(case: Case, device: torch.device, steps: int = 3) -> list[float]:
     """(p50, p20, p80) MB (2**20 bytes) of the peak over one step: the CUDA allocator's
     max_memory_allocated, or on the CPU LiveBytes's peak."""
+    if device.type == "cuda":
+        return common.cuda_peak_mb(case.step, device, steps)
     peaks = []
     for _ in range(steps):
-        if device.type == "cuda":
-            sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        state = [v for s in case.opt.state.values() for v in s.values()]
+        with LiveBytes([*case.model.parameters(), *case.model.buffers(), *state, *case.inputs]) as mode:
             case.step()
-            sync(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) / 2 ** 20)
-        else:
-            state = [v for s in case.opt.state.values() for v in s.values()]
-            with LiveBytes([*case.model.parameters(), *case.model.buffers(), *state, *case.inputs]) as mode:
-                case.step()
-            peaks.append(mode.peak / 2 ** 20)
+        peaks.append(mode.peak / 2 ** 20)
     return common._quantiles(peaks)
 
 
 def time_step(case: Case, device: torch.device, quick: bool) -> list[float]:
-    """(p50, p20, p80) ms per step. On a GPU the repetitions are sized from a rough
-    estimate, so that each provider gets a few tens of timed steps (10 with --quick)."""
-    if device.type != "cuda":
-        return common.bench_cpu(case.step, warmup=2, reps=10)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        case.step()
-    sync(device)
-    est_ms = (time.perf_counter() - t0) * 1e3 / 3
-    n = 10 if quick else 30
-    return common.bench_cuda(case.step, warmup_ms=max(100, int(3 * est_ms)),
-                             rep_ms=min(60_000, max(1_000, int(n * est_ms))))
+    """(p50, p20, p80) ms per step (see common.time_train_step)."""
+    return common.time_train_step(case.step, device, quick, max_rep_ms=60_000, cpu_warmup=2, cpu_reps=10)
 
 
 def run_provider(provider: str, model: nn.Module, cfg: Config, label: str, device: torch.device,
@@ -425,7 +397,7 @@ def run_provider(provider: str, model: nn.Module, cfg: Config, label: str, devic
     finally:
         case = None
         model.zero_grad(set_to_none=True)
-        free(device)
+        common.free(device)
     common.log(f"{provider:9s} " + ", ".join(line))
     return rows, True
 
@@ -543,7 +515,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         common.banner("CHECK FAILED: lorafast.from_peft's model does not compute what the PEFT model does "
                       "(see above).\nNothing is timed.")
         return 1
-    free(device)
+    common.free(device)
 
     models = {"peft": peft_model, "lorafast": fast_model}
     rows, p50s, broken = [], {}, []
@@ -552,7 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for q, m in models.items():
                 if q != p:
                     m.to("cpu")
-            free(device)
+            common.free(device)
             models[p].to(device)
         new, ok = run_provider(p, models[p], cfg, label, device, env, args.quick, p50s)
         rows += new

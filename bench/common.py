@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import re
 import subprocess
 import time
@@ -27,6 +28,21 @@ try:
     from tqdm import tqdm as _tqdm
 except ImportError:
     _tqdm = None
+
+
+# ------------------------------------------------------------------ device housekeeping
+
+
+def free(device: torch.device) -> None:
+    """Release what the previous case left, so that the next one's peak memory is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------ progress output
@@ -182,6 +198,34 @@ def bench_cpu(fn: Callable[[], object], grad_to_none: Optional[list] = None,
 
 def bench(fn: Callable[[], object], device: torch.device, grad_to_none: Optional[list] = None) -> list[float]:
     return bench_cuda(fn, grad_to_none) if device.type == "cuda" else bench_cpu(fn, grad_to_none)
+
+
+def time_train_step(step: Callable[[], object], device: torch.device, quick: bool, *, max_rep_ms: int = 30_000,
+                    cpu_warmup: int = 3, cpu_reps: int = 25) -> list[float]:
+    """(p50, p20, p80) ms of a whole training step. On a GPU the repetitions are sized from a
+    rough estimate, so that even a slow provider gets a few tens of timed steps (10 with quick)."""
+    if device.type != "cuda":
+        return bench_cpu(step, warmup=cpu_warmup, reps=cpu_reps)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync(device)
+    est_ms = (time.perf_counter() - t0) * 1e3 / 3
+    n = 10 if quick else 30
+    return bench_cuda(step, warmup_ms=max(100, int(3 * est_ms)), rep_ms=min(max_rep_ms, max(1_000, int(n * est_ms))))
+
+
+def cuda_peak_mb(step: Callable[[], object], device: torch.device, steps: int = 3) -> list[float]:
+    """(p50, p20, p80) of torch.cuda.max_memory_allocated over one step, in MB (2**20 bytes)."""
+    peaks = []
+    for _ in range(steps):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+    return _quantiles(peaks)
 
 
 # ------------------------------------------------------------------ roofline
