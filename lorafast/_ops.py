@@ -191,3 +191,36 @@ def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Te
 @fedex_merge_.register_fake
 def _(weight, U, V, compensation, backend):
     return None
+
+
+# ------------------------------------------------------------------ split learning
+
+
+@torch.library.custom_op("lorafast::privatize", mutates_args=())
+def privatize(h: Tensor, clip_norm: float, noise_std: float, mode: str, seed: int, offset: int,
+              backend: str) -> tuple[Tensor, Tensor]:
+    """(y, sq): y = clip(h) + noise_std·ξ in h's dtype, sq the clipped rows' squared norms."""
+    if backend == "triton":
+        return _backend.triton_kernels(h.device, "split").privatize(h, clip_norm, noise_std, mode, seed, offset)
+    y, sq = reference.privatize(h.detach(), clip_norm, noise_std, mode=mode, seed=seed, offset=offset)
+    return y, sq.to(torch.float32)
+
+
+@privatize.register_fake
+def _(h, clip_norm, noise_std, mode, seed, offset, backend):
+    rows, _ = reference.privatize_rows(h, mode)
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty((rows,), dtype=torch.float32)
+
+
+def _privatize_setup(ctx, inputs, output):
+    h, clip_norm, _, mode, *_ = inputs
+    ctx.save_for_backward(h, output[1])
+    ctx.clip_norm, ctx.mode = clip_norm, mode
+
+
+def _privatize_backward(ctx, grad_y, _grad_sq):
+    h, sq = ctx.saved_tensors
+    return reference.privatize_backward(grad_y, h, sq, ctx.clip_norm, mode=ctx.mode), None, None, None, None, None, None
+
+
+privatize.register_autograd(_privatize_backward, setup_context=_privatize_setup)

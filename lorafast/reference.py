@@ -12,6 +12,7 @@ kernels (kernels/random.py) draw exactly the same numbers.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -300,3 +301,65 @@ def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Te
     new = (w + t).to(weight.dtype)
     compensation.copy_((w - new.to(acc)) + t)
     weight.copy_(new)
+
+
+# ------------------------------------------------------------------ split learning: privatize
+
+PRIVATIZE_MODES = ("sample", "token", "element")
+
+
+def privatize_rows(h: Tensor, mode: str) -> tuple[int, int]:
+    """(R, L): the rows whose L2 norm is clipped. "sample": one row per sample (B, rest);
+    "token": one per vector along the last dim; "element" clips elements, any split."""
+    L = h.shape[-1] if mode in ("token", "element") else math.prod(h.shape[1:])
+    return (h.numel() // L if L else 0), L
+
+
+def privatize(h: Tensor, clip_norm: float, noise_std: float, *, mode: str, seed: int,
+              offset: int = 0) -> tuple[Tensor, Tensor]:
+    """(y, sq): y = clip(h) + noise_std·ξ in h's dtype, and sq (R,) the rows' squared norms
+    in fp32 (fp64 for fp64 h; zeros for "element").
+
+      "sample"/"token":  clip(x) = x · min(1, C/‖x‖) per row (see ``privatize_rows``)
+      "element":         clip(x) = min(max(x, −C), C)
+      ξ_j = philox_normal(seed, offset + j) for the flat index j of each element.
+
+    Written with differentiable ops: autograd of this function is the reference for the
+    backward (the clipping's Jacobian; the noise passes gradients straight through)."""
+    acc = _acc_dtype(h)
+    R, L = privatize_rows(h, mode)
+    x = h.to(acc).reshape(R, L)
+    if mode == "element":
+        sq = torch.zeros(R, dtype=acc, device=h.device)
+        y = x.clamp(-clip_norm, clip_norm)
+    else:
+        sq = (x * x).sum(dim=1)
+        big = sq.detach() > clip_norm ** 2
+        # min(1, C/‖x‖), differentiated where it is below 1; the rows it leaves alone take
+        # a dummy 1 under the root, so that no 0/0 reaches autograd for a zero row
+        coef = torch.where(big, clip_norm / torch.sqrt(torch.where(big, sq, torch.ones_like(sq))),
+                           torch.ones_like(sq))
+        y = x * coef[:, None]
+    if noise_std > 0:
+        idx = torch.arange(R * L, device=h.device, dtype=torch.int64) + offset
+        y = y + (noise_std * philox_normal(seed, idx)).to(acc).view(R, L)
+    return y.reshape(h.shape).to(h.dtype), sq.detach()
+
+
+def privatize_backward(grad_y: Tensor, h: Tensor, sq: Tensor, clip_norm: float, *, mode: str) -> Tensor:
+    """∂L/∂h of ``privatize``: for "element", g·1[|x| ≤ C]; for a row with ‖x‖ ≤ C, g; for
+    a row with ‖x‖ = n > C, where y = C x/n, the Jacobian (C/n)(I − x̂x̂ᵀ):
+    (C/n)·(g − x (x·g)/n²)."""
+    acc = _acc_dtype(h)
+    R, L = privatize_rows(h, mode)
+    x, g = h.to(acc).reshape(R, L), grad_y.to(acc).reshape(R, L)
+    if mode == "element":
+        dx = g * (x.abs() <= clip_norm)
+    else:
+        # fp32 norms from the forward serve fp32 and half inputs; fp64 recomputes its own
+        sq = (x * x).sum(dim=1) if acc == torch.float64 else sq.to(acc)
+        big = sq > clip_norm ** 2
+        n = torch.sqrt(sq).clamp_min(1e-30)
+        proj = g - x * ((x * g).sum(dim=1) / n ** 2)[:, None]
+        dx = torch.where(big[:, None], (clip_norm / n)[:, None] * proj, g)
+    return dx.reshape(h.shape).to(h.dtype)

@@ -156,6 +156,16 @@ def check_fedex_merge(backend: str, device: str, dtype: torch.dtype) -> Row:
                f"k=3 ranks={ranks} W={out_f}x{in_f}{extra}", err, TOLERANCES[torch.float32])
 
 
+def check_privatize(backend: str, device: str, dtype: torch.dtype, mode: str) -> Row:
+    """lorafast::privatize (clip + Philox noise) against float64 with the same noise stream."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    h = (torch.randn(3, 7, 45, generator=g) * 2).to(device=device, dtype=dtype)
+    y, _ = torch.ops.lorafast.privatize(h, 1.5, 0.6, mode, 9, 0, backend)
+    want, _ = reference.privatize(h.double(), 1.5, 0.6, mode=mode, seed=9)
+    return Row("privatize", backend, device, str(dtype).replace("torch.", ""), f"B=3 T=7 d=45 {mode}",
+               rel_err(y, want), TOLERANCES[dtype])
+
+
 def targets() -> Iterator[tuple[str, str]]:
     """(backend, device) pairs usable here."""
     yield "torch", "cpu"
@@ -171,6 +181,8 @@ def run_checks(progress: Optional[callable] = None) -> list[Row]:
     jobs += [(check_lora_per_sample, (b, d, dt, c)) for b, d in pairs for dt in TOLERANCES for c in PS_CASES]
     jobs += [(check_clip_reduce_noise, (b, d, pl)) for b, d in pairs for pl in (False, True)]
     jobs += [(check_fedex_merge, (b, d, dt)) for b, d in pairs for dt in TOLERANCES]
+    jobs += [(check_privatize, (b, d, dt, m)) for b, d in pairs for dt in TOLERANCES
+             for m in ("sample", "token", "element")]
     rows = []
     for i, (fn, args) in enumerate(jobs):
         rows.append(fn(*args))

@@ -1,0 +1,1 @@
+"""Split learning (SplitLoRA, DP-CutMixSL)."""
