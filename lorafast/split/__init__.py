@@ -4,6 +4,7 @@ Gaussian noise (``privatize``) and mixing patches across clients (``cutmix``), w
 the Rényi-DP accounting of both (``epsilon``)."""
 from .accounting import epsilon, rdp
 from .cutmix import cutmix, mix_labels
+from .model import SplitModel
 from .privatize import privatize
 
-__all__ = ["privatize", "cutmix", "mix_labels", "epsilon", "rdp"]
+__all__ = ["privatize", "cutmix", "mix_labels", "SplitModel", "epsilon", "rdp"]
