@@ -25,11 +25,13 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_lora_linear.py
 
-# compile-check every CUDA source for sm_80 and sm_90a without a GPU (none yet)
+# compile-check every CUDA source (csrc/*.cu, and csrc/checks/*.cu that instantiate the
+# headers' device code) for sm_80 and sm_90a, without a GPU and without torch
 cuda-check:
-	@srcs=$$(ls csrc/*.cu 2>/dev/null); \
+	@srcs=$$(ls csrc/*.cu csrc/checks/*.cu 2>/dev/null); \
 	if [ -z "$$srcs" ]; then echo "cuda-check: no .cu sources in csrc/"; exit 0; fi; \
 	for f in $$srcs; do \
+	  echo "cuda-check: $$f"; \
 	  $(NVCC) -std=c++17 -c $$f -o /dev/null -gencode=arch=compute_80,code=sm_80 \
 	    -gencode=arch=compute_90a,code=sm_90a || exit 1; done
 
