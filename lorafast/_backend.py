@@ -56,8 +56,9 @@ def triton_status() -> tuple[bool, str]:
 
 
 def cuda_status() -> tuple[bool, str]:
-    """(usable, why) for the CUDA C++ backend."""
-    return False, "the CUDA extension has no kernels yet (csrc/ is a placeholder)"
+    """(usable, why) for the CUDA C++ backend (see lorafast._cuda)."""
+    from . import _cuda
+    return _cuda.status()
 
 
 def available_backends() -> list[str]:
@@ -126,9 +127,15 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
             raise ValueError(f"{op}: backend='triton' cannot run here: {why}")
         return name
     if name == "cuda":
+        from . import _cuda
         usable, why = cuda_status()
         if not usable:
             raise RuntimeError(f"{op}: backend='cuda' was requested but {why}")
+        if op not in _cuda.OPS:
+            raise RuntimeError(f"{op}: the CUDA backend has no kernel for this op yet (it has "
+                               f"{sorted(_cuda.OPS)}); use backend='triton' or 'torch'")
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type}")
         return name
     # automatic: the interpreter is for testing, never picked on its own
     if device.type == "cuda" and _triton_supports(device, dtype) is None:

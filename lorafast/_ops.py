@@ -202,6 +202,11 @@ def privatize(h: Tensor, clip_norm: float, noise_std: float, mode: str, seed: in
     """(y, sq): y = clip(h) + noise_std·ξ in h's dtype, sq the clipped rows' squared norms."""
     if backend == "triton":
         return _backend.triton_kernels(h.device, "split").privatize(h, clip_norm, noise_std, mode, seed, offset)
+    if backend == "cuda":
+        from . import _cuda
+        _cuda.load()
+        y, sq = torch.ops.lorafast_cuda.privatize(h, clip_norm, noise_std, mode, seed, offset)
+        return y, sq
     y, sq = reference.privatize(h.detach(), clip_norm, noise_std, mode=mode, seed=seed, offset=offset)
     return y, sq.to(torch.float32)
 

@@ -179,3 +179,27 @@ def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match="h must"):
         privatize(torch.arange(6).view(2, 3), 1.0, 1.0)
 
+
+
+def test_cuda_backend_says_why_it_cannot_run():
+    import lorafast
+    usable, why = lorafast._backend.cuda_status()
+    if usable:
+        pytest.skip("the CUDA backend is usable here")
+    with pytest.raises(RuntimeError, match="backend='cuda' was requested but"):
+        privatize(torch.randn(2, 3), 1.0, 1.0, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_kernel_matches_the_reference_and_triton(mode, dtype):
+    fresh_seed()
+    for shape in ((3, 5, 7), (2, 4099), (4, 33, 257)):      # one-pass and two-pass rows
+        h = _h(shape, dtype, "cuda")
+        y = privatize(h, 1.3, 0.0, mode=mode, backend="cuda")
+        want, _ = reference.privatize(h.double(), 1.3, 0.0, mode=mode, seed=0)
+        torch.testing.assert_close(y.double(), want, rtol=LOW[dtype], atol=LOW[dtype] * 1.3)
+        noisy = privatize(h, 1.3, 0.8, mode=mode, seed=42, backend="cuda")
+        same = privatize(h, 1.3, 0.8, mode=mode, seed=42, backend="triton")
+        torch.testing.assert_close(noisy, same, rtol=LOW[dtype], atol=LOW[dtype] * 1.3)
