@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -19,8 +20,10 @@ lorafast::DType dtype_of(const at::Tensor& t) {
     case at::kFloat: return lorafast::DType::kFloat32;
     case at::kHalf: return lorafast::DType::kFloat16;
     case at::kBFloat16: return lorafast::DType::kBFloat16;
-    default: TORCH_CHECK(false, "lorafast_cuda: expected float32, float16 or bfloat16, got ", t.scalar_type());
+    default: break;
   }
+  TORCH_CHECK(false, "lorafast_cuda: expected float32, float16 or bfloat16, got ", t.scalar_type());
+  return lorafast::DType::kFloat32;  // not reached
 }
 
 std::tuple<at::Tensor, at::Tensor> privatize(const at::Tensor& h, double clip_norm, double noise_std,
