@@ -8,8 +8,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "launchers.h"
 
@@ -49,10 +51,85 @@ std::tuple<at::Tensor, at::Tensor> privatize(const at::Tensor& h, double clip_no
   return {y, sq};
 }
 
+constexpr int64_t kChunkWidth = 4096;   // columns per chunk of the DP kernels
+
+void check_grad_sample(const at::Tensor& g, const std::vector<int64_t>& segments, const char* op) {
+  TORCH_CHECK(g.is_cuda() && g.dim() == 2 && g.scalar_type() == at::kFloat && g.stride(1) == 1,
+              "lorafast_cuda::", op, ": grad_sample must be a CUDA fp32 (N, D) tensor with unit column stride");
+  TORCH_CHECK(segments.size() >= 1 && segments.front() == 0 && segments.back() == g.size(1),
+              "lorafast_cuda::", op, ": segments must run from 0 to D = ", g.size(1));
+}
+
+// (start, stop, parameter) rows of at most kChunkWidth columns, each inside one parameter.
+at::Tensor chunk_table(const std::vector<int64_t>& segments, const at::Device& device) {
+  std::vector<int64_t> rows;
+  for (size_t p = 0; p + 1 < segments.size(); ++p)
+    for (int64_t a = segments[p]; a < segments[p + 1]; a += kChunkWidth)
+      rows.insert(rows.end(), {a, std::min(a + kChunkWidth, segments[p + 1]), static_cast<int64_t>(p)});
+  return at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+at::Tensor grad_sample_norms(const at::Tensor& grad_sample, std::vector<int64_t> segments) {
+  check_grad_sample(grad_sample, segments, "grad_sample_norms");
+  const c10::cuda::CUDAGuard guard(grad_sample.device());
+  const int64_t n = grad_sample.size(0), p = static_cast<int64_t>(segments.size()) - 1;
+  at::Tensor sq = at::zeros({n, p}, grad_sample.options());
+  const at::Tensor chunks = chunk_table(segments, grad_sample.device());
+  const cudaError_t err = lorafast::launch_grad_sample_sq_norms(
+      grad_sample.data_ptr<float>(), n, grad_sample.stride(0), chunks.data_ptr<int64_t>(), chunks.numel() / 3,
+      sq.data_ptr<float>(), p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lorafast_cuda::grad_sample_norms: ", cudaGetErrorString(err));
+  return sq;
+}
+
+at::Tensor clip_reduce_noise(const at::Tensor& grad_sample, const at::Tensor& sq_norms, std::vector<int64_t> segments,
+                             std::vector<double> max_norms, bool per_layer, const std::optional<at::Tensor>& acc,
+                             const std::optional<at::Tensor>& noise, double noise_std, int64_t seed, int64_t offset,
+                             double out_scale) {
+  check_grad_sample(grad_sample, segments, "clip_reduce_noise");
+  const c10::cuda::CUDAGuard guard(grad_sample.device());
+  const int64_t n = grad_sample.size(0), d = grad_sample.size(1), p = static_cast<int64_t>(segments.size()) - 1;
+  TORCH_CHECK(sq_norms.sizes() == at::IntArrayRef({n, p}), "lorafast_cuda::clip_reduce_noise: sq_norms must be (N, P)");
+  TORCH_CHECK(max_norms.size() == static_cast<size_t>(per_layer ? p : 1) || (!per_layer && !max_norms.empty()),
+              "lorafast_cuda::clip_reduce_noise: max_norms must hold one bound, or one per parameter");
+  // the clip factors are N×P numbers: ATen computes them, the kernel does the pass over G
+  const at::Tensor sq = sq_norms.to(at::kFloat);
+  const at::Tensor total = sq.sum(1, /*keepdim=*/true);
+  at::Tensor coef;
+  if (per_layer) {
+    const at::Tensor bound = at::tensor(max_norms, sq.options().dtype(at::kDouble)).to(at::kFloat).to(sq.device());
+    coef = at::clamp_max(bound / sq.sqrt(), 1.0);
+  } else {
+    coef = at::clamp_max(max_norms[0] / total.sqrt(), 1.0);
+  }
+  coef = at::where(at::isfinite(total), coef, at::zeros_like(coef)).contiguous();
+  at::Tensor out = at::empty({d}, grad_sample.options());
+  const at::Tensor chunks = chunk_table(segments, grad_sample.device());
+  const int noise_mode = noise_std == 0.0 ? 0 : (noise.has_value() ? 2 : 1);
+  at::Tensor acc_f, noise_f;
+  if (acc.has_value()) acc_f = acc->to(at::kFloat).contiguous();
+  if (noise_mode == 2) noise_f = noise->to(at::kFloat).contiguous();
+  const cudaError_t err = lorafast::launch_clip_reduce_noise(
+      grad_sample.data_ptr<float>(), n, grad_sample.stride(0), chunks.data_ptr<int64_t>(), chunks.numel() / 3,
+      kChunkWidth, coef.data_ptr<float>(), coef.size(1), per_layer, acc_f.defined() ? acc_f.data_ptr<float>() : nullptr,
+      noise_f.defined() ? noise_f.data_ptr<float>() : nullptr, noise_mode, static_cast<float>(noise_std),
+      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), static_cast<float>(out_scale), out.data_ptr<float>(),
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lorafast_cuda::clip_reduce_noise: ", cudaGetErrorString(err));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lorafast_cuda, m) {
   m.def("privatize(Tensor h, float clip_norm, float noise_std, str mode, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("grad_sample_norms(Tensor grad_sample, int[] segments) -> Tensor");
+  m.def("clip_reduce_noise(Tensor grad_sample, Tensor sq_norms, int[] segments, float[] max_norms, bool per_layer, "
+        "Tensor? acc, Tensor? noise, float noise_std, int seed, int offset, float out_scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lorafast_cuda, CUDA, m) { m.impl("privatize", &privatize); }
+TORCH_LIBRARY_IMPL(lorafast_cuda, CUDA, m) {
+  m.impl("privatize", &privatize);
+  m.impl("grad_sample_norms", &grad_sample_norms);
+  m.impl("clip_reduce_noise", &clip_reduce_noise);
+}

@@ -17,4 +17,19 @@ cudaError_t launch_privatize(const void* x, void* y, float* sq, int64_t rows, in
                              int mode, float clip, float noise_std, uint64_t seed, uint64_t offset,
                              cudaStream_t stream);
 
+// lorafast::grad_sample_norms: sq (N, P) fp32, zeroed by the caller, += each chunk's ‖G[i, chunk]‖².
+// g (N, D) fp32 with row stride ld; chunks: n_chunks rows of int64 (start, stop, parameter).
+cudaError_t launch_grad_sample_sq_norms(const float* g, int64_t n, int64_t ld, const int64_t* chunks,
+                                        int64_t n_chunks, float* sq, int64_t p, cudaStream_t stream);
+
+// lorafast::clip_reduce_noise: out (D,) = (acc + Σᵢ cᵢ gᵢ + std·ξ) · out_scale with clip factors
+// coef (N, 1) or, per_layer, (N, P) (row stride coef_stride); acc and noise may be null;
+// noise_mode 0 none, 1 Philox from (seed, offset + j), 2 the given noise. chunk_width bounds
+// every chunk's width.
+cudaError_t launch_clip_reduce_noise(const float* g, int64_t n, int64_t ld, const int64_t* chunks, int64_t n_chunks,
+                                     int64_t chunk_width, const float* coef, int64_t coef_stride, bool per_layer,
+                                     const float* acc, const float* noise, int noise_mode, float noise_std,
+                                     uint64_t seed, uint64_t offset, float out_scale, float* out,
+                                     cudaStream_t stream);
+
 }  // namespace lorafast

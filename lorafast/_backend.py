@@ -136,11 +136,20 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
                                f"{sorted(_cuda.OPS)}); use backend='triton' or 'torch'")
         if device.type != "cuda":
             raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type}")
+        if dtype not in KERNEL_DTYPES:
+            raise ValueError(f"{op}: the CUDA kernels take float32, float16 or bfloat16, not {dtype}")
         return name
     # automatic: the interpreter is for testing, never picked on its own
     if device.type == "cuda" and _triton_supports(device, dtype) is None:
         return "triton"
     return "torch"
+
+
+def cuda_ops():
+    """The lorafast_cuda op namespace, loading (or building) the extension on first use."""
+    from . import _cuda
+    _cuda.load()
+    return torch.ops.lorafast_cuda
 
 
 def triton_kernels(device: torch.device, family: str = "lora_linear"):

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-OPS = frozenset({"privatize"})          # lorafast:: ops with a lorafast_cuda kernel
+OPS = frozenset({"privatize", "grad_sample_norms", "clip_reduce_noise"})          # lorafast:: ops with a lorafast_cuda kernel
 _PACKAGE = Path(__file__).resolve().parent
 _CSRC = _PACKAGE.parent / "csrc"        # a source checkout or editable install
 _loaded: Optional[str] = None
@@ -115,3 +115,11 @@ def _register_fakes() -> None:
         from .reference import privatize_rows
         rows, _ = privatize_rows(h, mode)
         return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty((rows,), dtype=torch.float32)
+
+    @torch.library.register_fake("lorafast_cuda::grad_sample_norms")
+    def _(grad_sample, segments):
+        return grad_sample.new_empty((grad_sample.shape[0], len(segments) - 1), dtype=torch.float32)
+
+    @torch.library.register_fake("lorafast_cuda::clip_reduce_noise")
+    def _(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed, offset, out_scale):
+        return grad_sample.new_empty((grad_sample.shape[1],), dtype=torch.float32)

@@ -149,6 +149,8 @@ def grad_sample_norms(grad_sample: Tensor, segments: list[int], backend: str) ->
     holds parameter p in columns [segments[p], segments[p+1])."""
     if backend == "triton":
         return _backend.triton_kernels(grad_sample.device, "dp").grad_sample_sq_norms(grad_sample, segments)
+    if backend == "cuda":
+        return _backend.cuda_ops().grad_sample_norms(grad_sample, segments)
     return reference.grad_sample_sq_norms(grad_sample, segments).to(torch.float32)
 
 
@@ -167,6 +169,9 @@ def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int]
     if backend == "triton":
         kernels = _backend.triton_kernels(grad_sample.device, "dp")
         return kernels.clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, **kw)
+    if backend == "cuda":
+        return _backend.cuda_ops().clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise,
+                                                     noise_std, seed, offset, out_scale)
     return reference.clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, **kw).to(torch.float32)
 
 
@@ -203,10 +208,7 @@ def privatize(h: Tensor, clip_norm: float, noise_std: float, mode: str, seed: in
     if backend == "triton":
         return _backend.triton_kernels(h.device, "split").privatize(h, clip_norm, noise_std, mode, seed, offset)
     if backend == "cuda":
-        from . import _cuda
-        _cuda.load()
-        y, sq = torch.ops.lorafast_cuda.privatize(h, clip_norm, noise_std, mode, seed, offset)
-        return y, sq
+        return _backend.cuda_ops().privatize(h, clip_norm, noise_std, mode, seed, offset)
     y, sq = reference.privatize(h.detach(), clip_norm, noise_std, mode=mode, seed=seed, offset=offset)
     return y, sq.to(torch.float32)
 

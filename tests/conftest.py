@@ -11,13 +11,23 @@ import lorafast
 HAS_CUDA = torch.cuda.is_available()
 
 
-def backend_devices():
+def backend_devices(op=None):
+    """(backend, device) pairs that run here; with ``op``, also ("cuda", "cuda") when the CUDA
+    extension is usable and has a kernel for that op."""
     pairs = [("torch", "cpu")]
     if "triton" in lorafast.available_backends():
         pairs.append(("triton", "cuda" if HAS_CUDA else "cpu"))
     if HAS_CUDA:
         pairs.append(("torch", "cuda"))
+    if op is not None and "cuda" in lorafast.available_backends():
+        from lorafast import _cuda
+        if op in _cuda.OPS:
+            pairs.append(("cuda", "cuda"))
     return pairs
+
+
+def backend_ids(pair):
+    return f"{pair[0]}-{pair[1]}"
 
 
 # Relative-norm error allowed on top of 2× PyTorch's own error in the same dtype
@@ -44,7 +54,7 @@ def assert_close(name, got, ref64, baseline, dtype):
     assert err <= tol, f"{name}: rel err {err:.3e} > tol {tol:.3e} (PyTorch's own error {base:.3e})"
 
 
-@pytest.fixture(params=backend_devices(), ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(params=backend_devices(), ids=backend_ids)
 def backend_device(request):
     return request.param
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, rel_err
+from conftest import HAS_CUDA, backend_devices, backend_ids, rel_err
 from helpers import DTYPES, fresh_seed
 from lorafast import reference
 
@@ -110,6 +110,7 @@ def _grad_sample(n, device):
     return g
 
 
+@pytest.mark.parametrize("backend_device", backend_devices("grad_sample_norms"), ids=backend_ids)
 def test_sq_norms_match_float64(backend_device):
     backend, device = backend_device
     fresh_seed()
@@ -121,6 +122,7 @@ def test_sq_norms_match_float64(backend_device):
     assert (sq[:, 1] == 0).all()
 
 
+@pytest.mark.parametrize("backend_device", backend_devices("clip_reduce_noise"), ids=backend_ids)
 @pytest.mark.parametrize("per_layer", [False, True], ids=["flat", "per_layer"])
 @pytest.mark.parametrize("noise", ["none", "philox", "tensor"])
 def test_clip_reduce_noise_matches_float64(backend_device, per_layer, noise):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import backend_devices, backend_ids
 from helpers import fresh_seed
 from lorafast import reference
 from lorafast.split.privatize import privatize
@@ -26,6 +27,7 @@ def _norms(t, mode):
     return t.double().reshape(rows, length).norm(dim=1)
 
 
+@pytest.mark.parametrize("backend_device", backend_devices("privatize"), ids=backend_ids)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
@@ -71,6 +73,7 @@ def test_long_sample_rows_take_the_two_pass_path(backend_device):
     torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("backend_device", backend_devices("privatize"), ids=backend_ids)
 @pytest.mark.parametrize("mode", MODES)
 def test_noise_equals_the_reference_philox_stream(backend_device, mode):
     backend, device = backend_device
