@@ -119,6 +119,29 @@ at::Tensor clip_reduce_noise(const at::Tensor& grad_sample, const at::Tensor& sq
   return out;
 }
 
+void fedex_merge_(at::Tensor weight, const at::Tensor& U, const at::Tensor& V, std::optional<at::Tensor> compensation) {
+  TORCH_CHECK(weight.is_cuda() && weight.dim() == 2, "lorafast_cuda::fedex_merge_: weight must be a 2-D CUDA tensor");
+  TORCH_CHECK(U.dim() == 2 && V.dim() == 2 && U.size(0) == weight.size(0) && V.size(1) == weight.size(1) &&
+                  U.size(1) == V.size(0),
+              "lorafast_cuda::fedex_merge_: U (out, K) and V (K, in) must match weight (out, in)");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  // the K = k·r product on cuBLAS in fp32 (TF32 only if the user allowed it); the update fused below
+  const at::Tensor delta = at::matmul(U.to(at::kFloat), V.to(at::kFloat)).contiguous();
+  float* comp = nullptr;
+  int64_t c_s0 = 0, c_s1 = 0;
+  if (compensation.has_value()) {
+    TORCH_CHECK(compensation->scalar_type() == at::kFloat && compensation->sizes() == weight.sizes(),
+                "lorafast_cuda::fedex_merge_: compensation must be fp32 of weight's shape");
+    comp = compensation->data_ptr<float>();
+    c_s0 = compensation->stride(0);
+    c_s1 = compensation->stride(1);
+  }
+  const cudaError_t err = lorafast::launch_fedex_merge(weight.data_ptr(), weight.stride(0), weight.stride(1),
+                                                       dtype_of(weight), comp, c_s0, c_s1, delta.data_ptr<float>(),
+                                                       weight.size(0), weight.size(1), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lorafast_cuda::fedex_merge_: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lorafast_cuda, m) {
@@ -126,10 +149,12 @@ TORCH_LIBRARY(lorafast_cuda, m) {
   m.def("grad_sample_norms(Tensor grad_sample, int[] segments) -> Tensor");
   m.def("clip_reduce_noise(Tensor grad_sample, Tensor sq_norms, int[] segments, float[] max_norms, bool per_layer, "
         "Tensor? acc, Tensor? noise, float noise_std, int seed, int offset, float out_scale) -> Tensor");
+  m.def("fedex_merge_(Tensor(a!) weight, Tensor U, Tensor V, Tensor(b!)? compensation) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lorafast_cuda, CUDA, m) {
   m.impl("privatize", &privatize);
   m.impl("grad_sample_norms", &grad_sample_norms);
   m.impl("clip_reduce_noise", &clip_reduce_noise);
+  m.impl("fedex_merge_", &fedex_merge_);
 }

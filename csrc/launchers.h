@@ -32,4 +32,9 @@ cudaError_t launch_clip_reduce_noise(const float* g, int64_t n, int64_t ld, cons
                                      uint64_t seed, uint64_t offset, float out_scale, float* out,
                                      cudaStream_t stream);
 
+// lorafast::fedex_merge_ update: W (rows, cols) of dtype, strides (w_s0, w_s1), += delta (rows, cols)
+// fp32 contiguous, carrying the rounding in comp (fp32, strides c_s0, c_s1) unless comp is null.
+cudaError_t launch_fedex_merge(void* w, int64_t w_s0, int64_t w_s1, DType dtype, float* comp, int64_t c_s0,
+                               int64_t c_s1, const float* delta, int64_t rows, int64_t cols, cudaStream_t stream);
+
 }  // namespace lorafast

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-OPS = frozenset({"privatize", "grad_sample_norms", "clip_reduce_noise"})          # lorafast:: ops with a lorafast_cuda kernel
+OPS = frozenset({"privatize", "grad_sample_norms", "clip_reduce_noise", "fedex_merge"})          # lorafast:: ops with a lorafast_cuda kernel
 _PACKAGE = Path(__file__).resolve().parent
 _CSRC = _PACKAGE.parent / "csrc"        # a source checkout or editable install
 _loaded: Optional[str] = None
@@ -119,6 +119,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lorafast_cuda::grad_sample_norms")
     def _(grad_sample, segments):
         return grad_sample.new_empty((grad_sample.shape[0], len(segments) - 1), dtype=torch.float32)
+
+    @torch.library.register_fake("lorafast_cuda::fedex_merge_")
+    def _(weight, U, V, compensation):
+        return None
 
     @torch.library.register_fake("lorafast_cuda::clip_reduce_noise")
     def _(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed, offset, out_scale):

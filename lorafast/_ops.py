@@ -189,6 +189,8 @@ def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Te
     """W += U V in place (fp32 accumulation), carrying rounding in ``compensation`` when given."""
     if backend == "triton":
         _backend.triton_kernels(weight.device, "fedex").fedex_merge_(weight, U, V, compensation)
+    elif backend == "cuda":
+        _backend.cuda_ops().fedex_merge_(weight, U, V, compensation)
     else:
         reference.fedex_merge_(weight, U, V, compensation)
 

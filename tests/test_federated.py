@@ -208,3 +208,25 @@ def test_bad_input_raises_and_changes_nothing(i):
         aggregate(W, **kw)
     assert torch.equal(W.view(torch.int16), before_W.view(torch.int16))
     assert torch.equal(C, before_C)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_cuda_merge_matches_reference(dtype, transposed):
+    if "cuda" not in lorafast.available_backends():
+        pytest.skip(f"CUDA backend unusable: {lorafast._backend.cuda_status()[1]}")
+    fresh_seed()
+    W = torch.randn(45, 70, device="cuda").to(dtype)
+    W = W.T if transposed else W.T.contiguous()           # (70, 45), strided or not
+    U, V = torch.randn(70, 19, device="cuda"), torch.randn(19, 45, device="cuda")
+    C = torch.randn(70, 45, device="cuda") * 1e-3 if dtype != torch.float32 else None
+    W_ref, C_ref = W.clone(), C.clone() if C is not None else None
+    torch.ops.lorafast.fedex_merge_(W, U, V, C, "cuda")
+    reference.fedex_merge_(W_ref, U.double(), V.double(), C_ref)
+    if C is None:
+        torch.testing.assert_close(W, W_ref, rtol=1e-5, atol=1e-5)
+    else:
+        ulp = torch.finfo(dtype).eps
+        assert (W.float() - W_ref.float()).abs().max() <= W_ref.float().abs().max() * ulp
+        torch.testing.assert_close(W.double() + C.double(), W_ref.double() + C_ref.double(), rtol=1e-5, atol=1e-5)
