@@ -4,27 +4,15 @@
 //   without C:  W' = round(W + D)
 //   with C:     t = C + D,  W' = round(W + t),  C' = (W − W') + t   (W − W' is exact)
 // W and C may be strided views (a GPT-2 Conv1D base is the transpose of its parameter).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 
+#include "dtypes.cuh"
 #include "launchers.h"
 
 namespace lorafast {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T> __device__ __forceinline__ float load_f(const T* p);
-template <> __device__ __forceinline__ float load_f<float>(const float* p) { return *p; }
-template <> __device__ __forceinline__ float load_f<__half>(const __half* p) { return __half2float(*p); }
-template <> __device__ __forceinline__ float load_f<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-template <typename T> __device__ __forceinline__ T round_to(float v);
-template <> __device__ __forceinline__ float round_to<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half round_to<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_kernel(T* w, int64_t w_s0, int64_t w_s1, float* comp,
@@ -35,15 +23,15 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(T* w, int64_t w_s0, int
        idx += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t i = idx / cols, j = idx - i * cols;
     T* wp = w + i * w_s0 + j * w_s1;
-    const float old = load_f(wp);
+    const float old = to_float(*wp);
     if (comp == nullptr) {
-      *wp = round_to<T>(old + delta[idx]);
+      *wp = from_float<T>(old + delta[idx]);
     } else {
       float* cp = comp + i * c_s0 + j * c_s1;
       const float t = *cp + delta[idx];
-      const T fresh = round_to<T>(old + t);
+      const T fresh = from_float<T>(old + t);
       *wp = fresh;
-      *cp = (old - load_f(&fresh)) + t;
+      *cp = (old - to_float(fresh)) + t;
     }
   }
 }

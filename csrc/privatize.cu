@@ -3,9 +3,7 @@
 // normed in the block (one launch), a longer row takes a norm launch first. The op is
 // memory-bound (read x, write y; the noise is made in registers), so each thread handles
 // a few consecutive elements and the grid has rows on axis x (B·T can pass 65535).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "dtypes.cuh"
 #include "launchers.h"
 #include "privatize_math.cuh"
 
@@ -15,16 +13,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kPerThread = 8;
 constexpr int64_t kChunk = kThreads * kPerThread;   // elements per block along a row
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Sum over the block; every thread gets the total.
 __device__ float block_sum(float v) {
