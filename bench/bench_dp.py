@@ -433,15 +433,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cpu = args.device == "cpu"
-    if common.no_gpu_banner(args.device, "tiny model"):
+    device = common.open_device(args.device, "tiny model", "a tiny model, wall-clock timing, NO peak_memory "
+                                "rows (no CUDA allocator).")
+    if device is None:
         return 0
-    device = torch.device(args.device)
-    if cpu:
-        common.banner("CPU SMOKE MODE: a tiny model, wall-clock timing, NO peak_memory rows (no CUDA "
-                      "allocator).\nThese numbers say nothing about GPU performance.")
-        # One thread: at these sizes more threads only add spinning, which on a shared
-        # machine turns milliseconds into seconds.
-        torch.set_num_threads(1)
     configs = CPU_CONFIGS if cpu else QUICK_CONFIGS if args.quick else GPU_CONFIGS
     providers = resolve_providers(args.providers)
     env = common.env_info(device)

@@ -371,13 +371,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cpu = args.device == "cpu"
-    if common.no_gpu_banner(args.device, "k=3, r=4, 48x40"):
+    device = common.open_device(args.device, "k=3, r=4, 48x40", "k=3, r=4, W 48x40, wall-clock timing, "
+                                "lorafast-triton under the Triton interpreter.")
+    if device is None:
         return 0
-    device = torch.device(args.device)
-    if cpu:
-        common.banner("CPU SMOKE MODE: k=3, r=4, W 48x40, wall-clock timing, lorafast-triton under the "
-                      "Triton interpreter.\nThese numbers say nothing about GPU performance.")
-        torch.set_num_threads(1)  # tiny sizes: more threads only add spinning on a shared machine
     configs = CPU_CONFIGS if cpu else QUICK_CONFIGS if args.quick else GPU_CONFIGS
     providers = resolve_providers(args.providers)
     env = common.env_info(device)

@@ -292,12 +292,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cpu = args.device == "cpu"
-    if common.no_gpu_banner(args.device, "tiny shape"):
+    device = common.open_device(args.device, "tiny shape", "one tiny shape, wall-clock timing.", one_thread=False)
+    if device is None:
         return 0
-    device = torch.device(args.device)
-    if cpu:
-        common.banner("CPU SMOKE MODE: one tiny shape, wall-clock timing. These numbers say nothing "
-                      "about GPU performance.")
     shapes = CPU_SHAPES if cpu else QUICK_SHAPES if args.quick else FULL_SHAPES
     providers = resolve_providers(args.providers, cpu)
     env = common.env_info(device)

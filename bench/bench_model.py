@@ -463,13 +463,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cpu = args.device == "cpu"
-    if common.no_gpu_banner(args.device, "tiny model"):
+    device = common.open_device(args.device, "tiny model", "a tiny model, wall-clock timing, lorafast on its "
+                                "torch backend, peak memory counted from live tensors.")
+    if device is None:
         return 0
-    device = torch.device(args.device)
-    if cpu:
-        common.banner("CPU SMOKE MODE: a tiny model, wall-clock timing, lorafast on its torch backend, "
-                      "peak memory counted from live tensors.\nThese numbers say nothing about GPU performance.")
-        torch.set_num_threads(1)  # at these sizes more threads only add spinning
     cfg = CPU_CONFIG if cpu else GPU_CONFIG
     cfg = replace(cfg, **{k: v for k in ("batch", "seq") if (v := getattr(args, k)) is not None})
     if args.layers is not None:

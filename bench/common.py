@@ -96,6 +96,19 @@ def no_gpu_banner(device: str, what: str) -> bool:
     return True
 
 
+def open_device(device: str, smoke_what: str, smoke_banner: str, one_thread: bool = True) -> Optional[torch.device]:
+    """The device to run on, or None (after the no-GPU banner) when CUDA was asked for and there
+    is none. On the CPU, the smoke-mode banner, and one thread when ``one_thread``: at these
+    sizes more threads only add spinning, which on a shared machine turns ms into seconds."""
+    if no_gpu_banner(device, smoke_what):
+        return None
+    if device == "cpu":
+        banner(f"CPU SMOKE MODE: {smoke_banner}\nThese numbers say nothing about GPU performance.")
+        if one_thread:
+            torch.set_num_threads(1)
+    return torch.device(device)
+
+
 # ------------------------------------------------------------------ machine info
 
 
