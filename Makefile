@@ -32,7 +32,7 @@ cuda-check:
 	if [ -z "$$srcs" ]; then echo "cuda-check: no .cu sources in csrc/"; exit 0; fi; \
 	for f in $$srcs; do \
 	  echo "cuda-check: $$f"; \
-	  $(NVCC) -std=c++17 -c $$f -o /dev/null -gencode=arch=compute_80,code=sm_80 \
+	  $(NVCC) -std=c++20 -c $$f -o /dev/null -gencode=arch=compute_80,code=sm_80 \
 	    -gencode=arch=compute_90a,code=sm_90a || exit 1; done
 
 clean:

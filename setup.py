@@ -32,7 +32,7 @@ def cuda_extension():
     archs = os.environ.get("LORAFAST_CUDA_ARCHS", "80;90a").split(";")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
     ext = CUDAExtension("lorafast._C", sources, include_dirs=[os.path.abspath("csrc")],
-                        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", *gencode]})
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]})
     return ext, BuildExtension
 
 

@@ -142,6 +142,79 @@ void fedex_merge_(at::Tensor weight, const at::Tensor& U, const at::Tensor& V, s
   TORCH_CHECK(err == cudaSuccess, "lorafast_cuda::fedex_merge_: ", cudaGetErrorString(err));
 }
 
+// ---- the rank-r passes of the LoRA linear (composed with cuBLAS GEMMs in lorafast/_cuda_lora.py)
+
+float* f32_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+void check_f32(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name, bool contiguous) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->device() == x.device(), "lorafast_cuda: ", name,
+              " must be fp32 on x's device");
+  TORCH_CHECK(!contiguous || t->is_contiguous(), "lorafast_cuda: ", name, " must be contiguous");
+}
+
+void rank_reduce(const at::Tensor& x, const std::optional<at::Tensor>& p, std::optional<at::Tensor> out,
+                 double out_scale, const std::optional<at::Tensor>& l, std::optional<at::Tensor> dw, double l_scale,
+                 int64_t rows_per_sample, std::optional<at::Tensor> dbias, double dropout_p, int64_t seed,
+                 int64_t offset) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "lorafast_cuda::rank_reduce: x must be a 2-D CUDA tensor");
+  TORCH_CHECK(p.has_value() == out.has_value() && l.has_value() == dw.has_value(),
+              "lorafast_cuda::rank_reduce: p comes with out, and l with dw");
+  check_f32(p, x, "p", false);
+  check_f32(out, x, "out", true);
+  check_f32(l, x, "l", true);
+  check_f32(dw, x, "dw", false);
+  check_f32(dbias, x, "dbias", true);
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t r = p.has_value() ? p->size(1) : (l.has_value() ? l->size(1) : 1);
+  TORCH_CHECK(!p.has_value() || (p->dim() == 2 && p->size(0) == k && out->sizes() == at::IntArrayRef({m, r})),
+              "lorafast_cuda::rank_reduce: p must be (K, r) and out (M, r)");
+  TORCH_CHECK(!l.has_value() || (l->sizes() == at::IntArrayRef({m, r}) && (dw->dim() == 2 || dw->dim() == 3) &&
+                                 dw->size(-2) == k && dw->size(-1) == r),
+              "lorafast_cuda::rank_reduce: l must be (M, r) and dw (K, r) or (N, K, r)");
+  TORCH_CHECK(!dw.has_value() || dw->dim() == 2 || (rows_per_sample > 0 && dw->size(0) * rows_per_sample == m),
+              "lorafast_cuda::rank_reduce: a per-sample dw (N, K, r) needs N · rows_per_sample = M");
+  TORCH_CHECK(!dbias.has_value() || dbias->numel() == k, "lorafast_cuda::rank_reduce: dbias must have K elements");
+  TORCH_CHECK(r >= 1 && r <= lorafast::kMaxReduceRank, "lorafast_cuda::rank_reduce: rank ", r,
+              " is outside [1, ", lorafast::kMaxReduceRank, "] (callers split larger ranks)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  int64_t sds = 0, sdk = 0, sdr = 0;
+  if (dw.has_value()) {
+    sds = dw->dim() == 3 ? dw->stride(0) : 0;
+    sdk = dw->stride(-2);
+    sdr = dw->stride(-1);
+  }
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const cudaError_t err = lorafast::launch_rank_reduce(
+      x.data_ptr(), x.stride(0), x.stride(1), m, k, dtype_of(x), f32_or_null(p), p.has_value() ? p->stride(0) : 0,
+      p.has_value() ? p->stride(1) : 0, f32_or_null(out), static_cast<float>(out_scale), f32_or_null(l),
+      static_cast<float>(l_scale), f32_or_null(dw), sds, sdk, sdr, dw.has_value() && dw->dim() == 3 ? rows_per_sample : 0,
+      f32_or_null(dbias), static_cast<int>(r), dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+      sms, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lorafast_cuda::rank_reduce: ", cudaGetErrorString(err));
+}
+
+void rank_update_(at::Tensor y, const at::Tensor& h, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                  double scale, double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(y.is_cuda() && y.dim() == 2 && y.stride(1) == 1,
+              "lorafast_cuda::rank_update_: y must be a 2-D CUDA tensor with unit column stride");
+  check_f32(h, y, "h", true);
+  check_f32(u, y, "u", false);
+  check_f32(bias, y, "bias", true);
+  const int64_t m = y.size(0), n = y.size(1);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == m && u.dim() == 2 && u.size(0) == h.size(1) && u.size(1) == n,
+              "lorafast_cuda::rank_update_: h must be (M, r) and u (r, N) for y (M, N)");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == n, "lorafast_cuda::rank_update_: bias must have N elements");
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaError_t err = lorafast::launch_rank_update(
+      y.data_ptr(), y.stride(0), m, n, dtype_of(y), h.data_ptr<float>(), static_cast<int>(h.size(1)),
+      u.data_ptr<float>(), u.stride(0), u.stride(1), f32_or_null(bias), static_cast<float>(scale), dropout_p,
+      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lorafast_cuda::rank_update_: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lorafast_cuda, m) {
@@ -150,6 +223,10 @@ TORCH_LIBRARY(lorafast_cuda, m) {
   m.def("clip_reduce_noise(Tensor grad_sample, Tensor sq_norms, int[] segments, float[] max_norms, bool per_layer, "
         "Tensor? acc, Tensor? noise, float noise_std, int seed, int offset, float out_scale) -> Tensor");
   m.def("fedex_merge_(Tensor(a!) weight, Tensor U, Tensor V, Tensor(b!)? compensation) -> ()");
+  m.def("rank_reduce(Tensor x, Tensor? p, Tensor(a!)? out, float out_scale, Tensor? l, Tensor(b!)? dw, "
+        "float l_scale, int rows_per_sample, Tensor(c!)? dbias, float dropout_p, int seed, int offset) -> ()");
+  m.def("rank_update_(Tensor(a!) y, Tensor h, Tensor u, Tensor? bias, float scale, float dropout_p, int seed, "
+        "int offset) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lorafast_cuda, CUDA, m) {
@@ -157,4 +234,6 @@ TORCH_LIBRARY_IMPL(lorafast_cuda, CUDA, m) {
   m.impl("grad_sample_norms", &grad_sample_norms);
   m.impl("clip_reduce_noise", &clip_reduce_noise);
   m.impl("fedex_merge_", &fedex_merge_);
+  m.impl("rank_reduce", &rank_reduce);
+  m.impl("rank_update_", &rank_update_);
 }

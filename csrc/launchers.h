@@ -37,4 +37,24 @@ cudaError_t launch_clip_reduce_noise(const float* g, int64_t n, int64_t ld, cons
 cudaError_t launch_fedex_merge(void* w, int64_t w_s0, int64_t w_s1, DType dtype, float* comp, int64_t c_s0,
                                int64_t c_s1, const float* delta, int64_t rows, int64_t cols, cudaStream_t stream);
 
+// The rank-r passes of the LoRA linear (lora_linear.cu; see there for the math). X (m, k) of
+// dtype with strides (sxm, sxk); P (k, r) fp32 strided; OUT (m, r) fp32 contiguous and zeroed
+// by the caller; L (m, r) fp32 contiguous, given iff DW is; DW (samples, k, r) fp32 with
+// strides (sds, sdk, sdr), rows_per_sample rows of X per sample (0: one shared slice);
+// dbias (k,) fp32. Any of P/OUT, L/DW, dbias may be null. 1 <= r <= kMaxReduceRank.
+// sms: the GPU's multiprocessor count, which sets how far K is split across blocks.
+constexpr int kMaxReduceRank = 128;
+cudaError_t launch_rank_reduce(const void* x, int64_t sxm, int64_t sxk, int64_t m, int64_t k, DType dtype,
+                               const float* p, int64_t spk, int64_t spr, float* out, float out_scale, const float* l,
+                               float l_scale, float* dw, int64_t sds, int64_t sdk, int64_t sdr,
+                               int64_t rows_per_sample, float* dbias, int r, double dropout_p, uint64_t seed,
+                               uint64_t offset, int sms, cudaStream_t stream);
+
+// Y (m, n) of dtype, row stride sym and unit column stride, in place:
+// Y = Y + (scale · H U) ⊙ keep/(1-p) + bias, H (m, r) fp32 contiguous, U (r, n) fp32 with
+// strides (sur, sun), bias (n,) fp32 or null; the mask of (i, j) is Philox at offset + i·n + j.
+cudaError_t launch_rank_update(void* y, int64_t sym, int64_t m, int64_t n, DType dtype, const float* h, int r,
+                               const float* u, int64_t sur, int64_t sun, const float* bias, float scale,
+                               double dropout_p, uint64_t seed, uint64_t offset, cudaStream_t stream);
+
 }  // namespace lorafast

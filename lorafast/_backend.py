@@ -152,6 +152,15 @@ def cuda_ops():
     return torch.ops.lorafast_cuda
 
 
+def lora_linear_kernels(backend: str, device: torch.device):
+    """The LoRA linear plan of a kernel backend: kernels/lora_linear.py for "triton",
+    _cuda_lora.py over the lorafast_cuda ops for "cuda". Both have the same functions."""
+    if backend == "cuda":
+        cuda_ops()
+        return importlib.import_module("lorafast._cuda_lora")
+    return triton_kernels(device)
+
+
 def triton_kernels(device: torch.device, family: str = "lora_linear"):
     """A Triton kernels module (lorafast.kernels.<family>); on CPU tensors only when running
     under the interpreter."""

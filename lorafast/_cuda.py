@@ -11,7 +11,7 @@ csrc/ holds the kernels (``*.cu``, CUDA runtime headers only) and their torch bi
    architectures, by default the current GPU's.
 
 A missing toolchain is an error only when ``backend="cuda"`` is asked for; ``status()``
-says what is missing. Only the ops in ``OPS`` have CUDA kernels so far.
+says what is missing.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-OPS = frozenset({"privatize", "grad_sample_norms", "clip_reduce_noise", "fedex_merge"})          # lorafast:: ops with a lorafast_cuda kernel
+# the ops (as named to _backend.select) with lorafast_cuda kernels: all of them
+OPS = frozenset({"lora_linear", "privatize", "grad_sample_norms", "clip_reduce_noise", "fedex_merge"})
 _PACKAGE = Path(__file__).resolve().parent
 _CSRC = _PACKAGE.parent / "csrc"        # a source checkout or editable install
 _loaded: Optional[str] = None
@@ -99,7 +100,7 @@ def load() -> None:
     else:
         from torch.utils.cpp_extension import load as jit_load
         sources, archs = _sources(), _archs()
-        flags = ["-O3", "-std=c++17"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        flags = ["-O3"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         build = _cache_dir(sources, archs)
         print(f"lorafast: compiling the CUDA extension for sm_{','.join(archs)} into {build} (once)", flush=True)
         jit_load(name="lorafast_cuda_ext", sources=sources, extra_cflags=["-O3"], extra_cuda_cflags=flags,
@@ -122,6 +123,14 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("lorafast_cuda::fedex_merge_")
     def _(weight, U, V, compensation):
+        return None
+
+    @torch.library.register_fake("lorafast_cuda::rank_reduce")
+    def _(x, p, out, out_scale, l, dw, l_scale, rows_per_sample, dbias, dropout_p, seed, offset):
+        return None
+
+    @torch.library.register_fake("lorafast_cuda::rank_update_")
+    def _(y, h, u, bias, scale, dropout_p, seed, offset):
         return None
 
     @torch.library.register_fake("lorafast_cuda::clip_reduce_noise")

@@ -2,7 +2,8 @@
 
 Each op's body runs the backend named by its ``backend`` argument (resolved by
 ``lorafast._backend.select`` before the call): "torch" is the reference in
-reference.py, "triton" the kernels in lorafast.kernels. Fake kernels make the
+reference.py, "triton" the kernels in lorafast.kernels, "cuda" the lorafast_cuda ops
+of csrc/ (composed with cuBLAS GEMMs in _cuda_lora.py for the LoRA linear). Fake kernels make the
 ops traceable by torch.compile; autograd is registered on the forward op and
 calls the backward op.
 """
@@ -30,8 +31,8 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                     bias: Optional[Tensor], lora_R: Optional[Tensor], scaling: float,
                     dropout_p: float, seed: int, offset: int, backend: str) -> tuple[Tensor, Tensor]:
     """(y, h): y = x Wᵀ + b + s·drop(x)Aᵀ(Rᵀ)Bᵀ in x's dtype; h = drop(x)Aᵀ (M, r) fp32 for backward."""
-    if backend == "triton":
-        kernels = _backend.triton_kernels(x.device)
+    if backend in ("triton", "cuda"):
+        kernels = _backend.lora_linear_kernels(backend, x.device)
         y, h = kernels.lora_linear_forward(_rows(x), weight, lora_A, lora_B, bias, lora_R,
                                            scaling, dropout_p, seed, offset)
         return y.reshape(*x.shape[:-1], weight.shape[0]), h
@@ -55,8 +56,8 @@ def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dR, dbias); an entry whose ``needs`` flag is False is an empty tensor."""
     needs_t = tuple(bool(n) for n in needs)
-    if backend == "triton":
-        kernels = _backend.triton_kernels(x.device)
+    if backend in ("triton", "cuda"):
+        kernels = _backend.lora_linear_kernels(backend, x.device)
         grads = kernels.lora_linear_backward(_rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h,
                                              scaling, dropout_p, seed, offset, needs_t)
         dx, dA, dB, dR, db = grads
@@ -115,8 +116,8 @@ def lora_linear_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor
     """The backward of ``lora_linear_fwd`` with per-sample adapter gradients: returns dx (empty
     unless ``need_x``) and adds ps_scale × each sample's gradient into the fp32 buffers
     ps_A (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained)."""
-    if backend == "triton":
-        kernels = _backend.triton_kernels(x.device)
+    if backend in ("triton", "cuda"):
+        kernels = _backend.lora_linear_kernels(backend, x.device)
         dx = kernels.lora_linear_per_sample_backward(
             _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
             batch=batch, need_x=need_x, ps_A=ps_A, ps_B=ps_B, ps_R=ps_R, ps_scale=ps_scale)

@@ -1,0 +1,130 @@
+"""The LoRA linear on the CUDA backend: the two large GEMMs on cuBLAS (torch.mm), every
+rank-r pass in the ``lorafast_cuda`` kernels of csrc/lora_linear.cu.
+
+Same plan and signatures as kernels/lora_linear.py (its docstring has the math):
+
+    forward   h = drop(x) Aᵀ                            rank_reduce over x (OUT)
+              y = [x Wᵀ] + s (h Rᵀ) Bᵀ + b              cuBLAS, then rank_update_ in place
+    backward  g = G B,  dB += s Gᵀ (h Rᵀ),  db = Σ G    one rank_reduce pass over G
+              dR = s gᵀ h,  Lg = s g R                  (M, r) × (r, r) products in fp32
+              dA += Lgᵀ drop(x)                         rank_reduce over x (DW)
+              dx = [G W] + (Lg A) ⊙ m/(1-p)             cuBLAS, then rank_update_
+With per-sample buffers (DP-SGD) the reductions over rows flush at each sample's boundary.
+The dropout mask is Philox of (seed, offset + row·in + col), bit-identical to the Triton
+kernels'. fp32 GEMMs follow torch's TF32 switch, as the Triton backend does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+MAX_RANK = 128   # kMaxReduceRank in csrc/launchers.h: larger ranks go through in slices
+_ops_override = None
+
+
+def ops():
+    """The op namespace the plan calls: torch.ops.lorafast_cuda, or a test's stand-in."""
+    return _ops_override if _ops_override is not None else torch.ops.lorafast_cuda
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.to(torch.float32) if t is not None else None
+
+
+def _reduce(X: Tensor, *, P: Optional[Tensor] = None, out: Optional[Tensor] = None, out_scale: float = 1.0,
+            L: Optional[Tensor] = None, dW: Optional[Tensor] = None, l_scale: float = 1.0,
+            dbias: Optional[Tensor] = None, r: int, dropout_p: float = 0.0, seed: int = 0, offset: int = 0,
+            rows_per_sample: int = 0) -> None:
+    """One rank_reduce pass (P (K, r) with out (M, r); L (M, r) with dW (K, r) or (N, K, r)),
+    in rank slices of at most MAX_RANK."""
+    for c0 in range(0, r, MAX_RANK):
+        c1 = min(r, c0 + MAX_RANK)
+        whole = c0 == 0 and c1 == r
+        out_c = out if whole or out is None else torch.zeros((X.shape[0], c1 - c0), device=X.device,
+                                                             dtype=torch.float32)
+        ops().rank_reduce(X, P[:, c0:c1] if P is not None else None, out_c, float(out_scale),
+                          L[:, c0:c1].contiguous() if L is not None else None,
+                          dW[..., c0:c1] if dW is not None else None, float(l_scale), int(rows_per_sample),
+                          dbias if c0 == 0 else None, float(dropout_p), int(seed), int(offset))
+        if out_c is not out:
+            out[:, c0:c1] = out_c
+
+
+def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset):
+    """x2 (M, in) → (y (M, out) in x's dtype, h = drop(x) Aᵀ (M, r) fp32)."""
+    M = x2.shape[0]
+    out_f, r = weight.shape[0], lora_A.shape[0]
+    h = torch.zeros((M, r), device=x2.device, dtype=torch.float32)
+    if M == 0:
+        return x2.new_empty((0, out_f)), h
+    _reduce(x2, P=_f32(lora_A).T, out=h, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
+    v = h @ _f32(lora_R).T if lora_R is not None else h
+    y = torch.mm(x2, weight.T)
+    ops().rank_update_(y, v.contiguous(), _f32(lora_B).T, _f32(bias).contiguous() if bias is not None else None,
+                       float(scaling), 0.0, 0, 0)
+    return y, h
+
+
+def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
+                     need_x, dA, dB, dR, db, grad_scale=1.0, rows_per_sample=0) -> Optional[Tensor]:
+    """Accumulate whichever of dA (r, in), dB (out, r), dR (r, r), db (out,) is given (dA, dB,
+    dR may be per-sample (N, ·, ·) fp32 views, with ``rows_per_sample`` = T), scaled by
+    ``grad_scale``; returns dx (M, in) in x's dtype when ``need_x``."""
+    M = x2.shape[0]
+    r = lora_A.shape[0]
+    R = _f32(lora_R)
+    need_low = need_x or dA is not None          # Lg = s g R feeds both dA and dx
+    g = torch.zeros((M, r), device=x2.device, dtype=torch.float32) if need_low or dR is not None else None
+    if g is not None or dB is not None or db is not None:
+        v = (h @ R.T if R is not None else h) if dB is not None else None
+        _reduce(gy2, P=_f32(lora_B) if g is not None else None, out=g, L=v, dW=dB,
+                l_scale=scaling * grad_scale, dbias=db, r=r, rows_per_sample=rows_per_sample)
+    if dR is not None:
+        if rows_per_sample:
+            n = M // rows_per_sample
+            dR.add_(torch.bmm(g.view(n, rows_per_sample, r).transpose(1, 2), h.view(n, rows_per_sample, r)),
+                    alpha=scaling * grad_scale)
+        else:
+            dR.add_(g.T @ h, alpha=scaling * grad_scale)
+    if not need_low:
+        return None
+    Lg = (g @ R).mul_(scaling) if R is not None else g * scaling
+    if dA is not None:
+        _reduce(x2, L=Lg, dW=dA.transpose(-1, -2), l_scale=grad_scale, r=r, dropout_p=dropout_p, seed=seed,
+                offset=offset, rows_per_sample=rows_per_sample)
+    if not need_x:
+        return None
+    dx = torch.mm(gy2, weight)
+    ops().rank_update_(dx, Lg, _f32(lora_A), None, 1.0, float(dropout_p), int(seed), int(offset))
+    return dx
+
+
+def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs):
+    """Gradients (dx, dA, dB, dR, dbias) in fp32 (dx in x's dtype); None where not needed."""
+    need_x, need_A, need_B, need_R, need_bias = needs
+    M, in_f = x2.shape
+    out_f, r = weight.shape[0], lora_A.shape[0]
+    dev, f32 = x2.device, torch.float32
+    dA = torch.zeros((r, in_f), device=dev, dtype=f32) if need_A else None
+    dB = torch.zeros((out_f, r), device=dev, dtype=f32) if need_B else None
+    dR = torch.zeros((r, r), device=dev, dtype=f32) if need_R else None
+    db = torch.zeros((out_f,), device=dev, dtype=f32) if need_bias else None
+    if M == 0:
+        return (x2.new_zeros((0, in_f)) if need_x else None), dA, dB, dR, db
+    dx = _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+                          need_x=need_x, dA=dA, dB=dB, dR=dR, db=db)
+    return dx, dA, dB, dR, db
+
+
+def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
+                                    offset, *, batch, need_x, ps_A, ps_B, ps_R, ps_scale):
+    """dx (None unless ``need_x``), and each sample's adapter gradients × ``ps_scale`` added into
+    the fp32 views ps_A (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained)."""
+    M, in_f = x2.shape
+    if M == 0:
+        return x2.new_zeros((0, in_f)) if need_x else None
+    return _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+                            need_x=need_x, dA=ps_A, dB=ps_B, dR=ps_R, db=None, grad_scale=ps_scale,
+                            rows_per_sample=M // batch)
