@@ -6,23 +6,29 @@ so backend="triton" runs the real kernels on CPU tensors at tiny sizes.
 import pytest
 import torch
 
+import cuda_emu
 import lorafast
 
 HAS_CUDA = torch.cuda.is_available()
+CUDA_EMULATED = ("cuda", "cpu")   # csrc/ kernels run on the CPU by tests/cuda_emu.py
 
 
 def backend_devices(op=None):
-    """(backend, device) pairs that run here; with ``op``, also ("cuda", "cuda") when the CUDA
-    extension is usable and has a kernel for that op."""
+    """(backend, device) pairs that run here: the reference, Triton (interpreted on CPU), the
+    CUDA kernels under the host emulation (("cuda", "cpu"), where a C++ compiler is), and on a
+    GPU the CUDA extension (("cuda", "cuda"), when it is usable). ``op`` names the op as
+    ``_backend.select`` does, for the CUDA pairs."""
+    from lorafast import _cuda
     pairs = [("torch", "cpu")]
     if "triton" in lorafast.available_backends():
         pairs.append(("triton", "cuda" if HAS_CUDA else "cpu"))
     if HAS_CUDA:
         pairs.append(("torch", "cuda"))
-    if op is not None and "cuda" in lorafast.available_backends():
-        from lorafast import _cuda
-        if op in _cuda.OPS:
-            pairs.append(("cuda", "cuda"))
+    has_kernel = op is None or op in _cuda.OPS
+    if has_kernel and cuda_emu.available():
+        pairs.append(CUDA_EMULATED)
+    if has_kernel and "cuda" in lorafast.available_backends():
+        pairs.append(("cuda", "cuda"))
     return pairs
 
 
@@ -57,6 +63,14 @@ def assert_close(name, got, ref64, baseline, dtype):
 @pytest.fixture(params=backend_devices(), ids=backend_ids)
 def backend_device(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request, monkeypatch):
+    """Tests parametrized with the ("cuda", "cpu") pair run the CUDA kernels under emulation."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend_device") == CUDA_EMULATED:
+        cuda_emu.activate(monkeypatch)
 
 
 def pytest_collection_modifyitems(config, items):

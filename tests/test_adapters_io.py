@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorafast
-from conftest import backend_devices
+from conftest import backend_devices, backend_ids
 from helpers import fresh_seed
 from hf_models import peft, peft_lora, tiny_gpt2, tiny_llama, token_ids, transformers
 
@@ -349,8 +349,9 @@ def test_merge_unmerge_round_trip(dtype, variant):
         lorafast.unmerge_adapters(model)
 
 
-@pytest.mark.parametrize("backend", [b for b, d in backend_devices() if d == "cpu"])
-def test_merge_conv1d_into_the_transposed_weight(backend):
+@pytest.mark.parametrize("backend_device", [p for p in backend_devices() if p[1] == "cpu"], ids=backend_ids)
+def test_merge_conv1d_into_the_transposed_weight(backend_device):
+    backend, _ = backend_device
     fresh_seed()
     base = tiny_gpt2()
     model = lorafast.inject_adapters(copy.deepcopy(base), ["c_attn"], r=3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorafast
-from conftest import backend_devices
+from conftest import backend_devices, backend_ids
 from helpers import fresh_seed
 from hf_models import adapter_grads, peft, peft_lora, tiny_gpt2, tiny_llama, token_ids
 
@@ -22,8 +22,9 @@ def _loss_and_grads(model, ids):
     return out.logits.detach(), adapter_grads(model)
 
 
-@pytest.mark.parametrize("backend", [b for b, d in backend_devices() if d == "cpu"])
-def test_logits_and_adapter_grads_match_peft(backend):
+@pytest.mark.parametrize("backend_device", [p for p in backend_devices() if p[1] == "cpu"], ids=backend_ids)
+def test_logits_and_adapter_grads_match_peft(backend_device):
+    backend, _ = backend_device
     fresh_seed()
     pm = peft_lora(tiny_llama(), TARGETS)
     ids = token_ids()
