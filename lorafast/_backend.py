@@ -4,15 +4,17 @@ Order of precedence: the op's ``backend=`` argument, then ``set_backend`` /
 ``use_backend``, then the ``LORAFAST_BACKEND`` environment variable, then
 automatic selection. Automatic selection picks the fastest backend that is
 correct for the tensors' device and dtype, and never the Triton interpreter:
-on CPU it picks "torch".
+on CPU it picks "torch"; on a GPU, of "triton" and "cuda", the one measured
+faster for the nearest recorded shape (lorafast._selection), else "triton".
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import sys
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -116,8 +118,34 @@ def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return f"no Triton kernels for device type {device.type!r}"
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
-    """Resolve the backend for ``op`` on tensors of this device and dtype."""
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: Optional[int]) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_usable() -> bool:
+    return cuda_status()[0]
+
+
+def _measured_choice(op: str, device: torch.device, dtype: torch.dtype, shape: Sequence[int],
+                     triton_ok: bool) -> Optional[str]:
+    """The faster GPU backend for this shape by the recorded timings, or None without any."""
+    from . import _cuda, _selection
+    candidates = (["triton"] if triton_ok else []) + (["cuda"] if op in _cuda.OPS and dtype in KERNEL_DTYPES else [])
+    if not candidates:
+        return None
+    best = _selection.fastest(_gpu_name(device.index), op, str(dtype).removeprefix("torch."), shape, candidates)
+    if best == "cuda" and not _cuda_usable():
+        return None
+    return best
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+           shape: Optional[Sequence[int]] = None) -> str:
+    """Resolve the backend for ``op`` on tensors of this device and dtype; ``shape`` (the op's
+    size features, e.g. (M, in, out, r) for the LoRA linear) lets automatic selection use
+    the timings recorded for the nearest shape."""
     name = requested(backend)
     if name == "torch":
         return name
@@ -140,8 +168,14 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
             raise ValueError(f"{op}: the CUDA kernels take float32, float16 or bfloat16, not {dtype}")
         return name
     # automatic: the interpreter is for testing, never picked on its own
-    if device.type == "cuda" and _triton_supports(device, dtype) is None:
-        return "triton"
+    if device.type == "cuda":
+        triton_ok = _triton_supports(device, dtype) is None
+        if shape is not None:
+            best = _measured_choice(op, device, dtype, shape, triton_ok)
+            if best is not None:
+                return best
+        if triton_ok:
+            return "triton"
     return "torch"
 
 

@@ -59,11 +59,12 @@ def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropo
     h = torch.zeros((M, r), device=x2.device, dtype=torch.float32)
     if M == 0:
         return x2.new_empty((0, out_f)), h
-    _reduce(x2, P=_f32(lora_A).T, out=h, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
+    # the kernels read P (K, r) and U (r, N) row by row: small contiguous copies keep those reads coalesced
+    _reduce(x2, P=_f32(lora_A).T.contiguous(), out=h, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
     v = h @ _f32(lora_R).T if lora_R is not None else h
     y = torch.mm(x2, weight.T)
-    ops().rank_update_(y, v.contiguous(), _f32(lora_B).T, _f32(bias).contiguous() if bias is not None else None,
-                       float(scaling), 0.0, 0, 0)
+    b = _f32(bias).contiguous() if bias is not None else None
+    ops().rank_update_(y, v.contiguous(), _f32(lora_B).T.contiguous(), b, float(scaling), 0.0, 0, 0)
     return y, h
 
 
@@ -79,7 +80,7 @@ def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropou
     g = torch.zeros((M, r), device=x2.device, dtype=torch.float32) if need_low or dR is not None else None
     if g is not None or dB is not None or db is not None:
         v = (h @ R.T if R is not None else h) if dB is not None else None
-        _reduce(gy2, P=_f32(lora_B) if g is not None else None, out=g, L=v, dW=dB,
+        _reduce(gy2, P=_f32(lora_B).contiguous() if g is not None else None, out=g, L=v, dW=dB,
                 l_scale=scaling * grad_scale, dbias=db, r=r, rows_per_sample=rows_per_sample)
     if dR is not None:
         if rows_per_sample:
@@ -97,7 +98,7 @@ def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropou
     if not need_x:
         return None
     dx = torch.mm(gy2, weight)
-    ops().rank_update_(dx, Lg, _f32(lora_A), None, 1.0, float(dropout_p), int(seed), int(offset))
+    ops().rank_update_(dx, Lg, _f32(lora_A).contiguous(), None, 1.0, float(dropout_p), int(seed), int(offset))
     return dx
 
 

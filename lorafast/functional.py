@@ -64,6 +64,11 @@ def _validate(x, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p) -> No
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+def lora_shape(x: Tensor, weight: Tensor, lora_A: Tensor) -> tuple[int, int, int, int]:
+    """(M, in, out, r): the size features by which backends are chosen for the LoRA linear."""
+    return x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0], lora_A.shape[0]
+
+
 def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                 bias: Optional[Tensor] = None, *, scaling: float = 1.0,
                 lora_R: Optional[Tensor] = None, dropout_p: float = 0.0,
@@ -96,7 +101,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     else:
         seed = 0
-    name = _backend.select("lora_linear", x.device, x.dtype, backend)
+    name = _backend.select("lora_linear", x.device, x.dtype, backend, shape=lora_shape(x, weight, lora_A))
     y, _ = torch.ops.lorafast.lora_linear_fwd(x, weight, lora_A, lora_B, bias, lora_R, float(scaling),
                                               float(dropout_p), seed, 0, name)
     return y

@@ -113,8 +113,9 @@ class EmulatedOps:
         rows, cols = privatize_rows(x, mode)
         y = torch.empty_like(x)
         sq = torch.zeros(rows, dtype=torch.float32)
-        check(self.lib.emu_privatize(ptr(x), ptr(y), ptr(sq), rows, cols, DTYPES[x.dtype], 1 if mode == "element" else 0,
-                                     clip_norm, noise_std, seed, offset), "privatize")
+        element = 1 if mode == "element" else 0
+        check(self.lib.emu_privatize(ptr(x), ptr(y), ptr(sq), rows, cols, DTYPES[x.dtype], element, clip_norm,
+                                     noise_std, seed, offset), "privatize")
         return y, sq
 
     @staticmethod
@@ -127,8 +128,8 @@ class EmulatedOps:
         n, p = grad_sample.shape[0], len(segments) - 1
         sq = torch.zeros((n, p), dtype=torch.float32)
         chunks = self._chunks(segments)
-        check(self.lib.emu_grad_sample_sq_norms(ptr(grad_sample), n, grad_sample.stride(0), ptr(chunks), chunks.shape[0],
-                                                ptr(sq), p), "grad_sample_norms")
+        check(self.lib.emu_grad_sample_sq_norms(ptr(grad_sample), n, grad_sample.stride(0), ptr(chunks),
+                                                chunks.shape[0], ptr(sq), p), "grad_sample_norms")
         return sq
 
     def clip_reduce_noise(self, grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed,

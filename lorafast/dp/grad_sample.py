@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _backend, _random
-from ..functional import _validate
+from ..functional import _validate, lora_shape
 from ..layers import LoRALinear
 
 ADAPTER_NAMES = ("lora_A", "lora_B", "lora_R")
@@ -191,7 +191,8 @@ def _lora_forward(layer: LoRALinear, x: Tensor) -> Tensor:
     p = layer.lora_dropout if layer.training else 0.0
     _validate(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.bias, layer.lora_R, layer.scaling, p)
     seed = _random.next_seed() if p > 0.0 else 0
-    backend = _backend.select("lora_linear", x.device, x.dtype, store.backend)
+    backend = _backend.select("lora_linear", x.device, x.dtype, store.backend,
+                              shape=lora_shape(x, layer.base_weight, layer.lora_A))
     return _LoRAPerSample.apply(x, layer.lora_A, layer.lora_B, layer.lora_R, layer, store, seed, backend, p)
 
 

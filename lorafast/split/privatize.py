@@ -50,6 +50,6 @@ def privatize(h: Tensor, clip_norm: float, noise_multiplier: float, *, mode: str
         seed = os_seed()
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    name = _backend.select("privatize", h.device, h.dtype, backend)
+    name = _backend.select("privatize", h.device, h.dtype, backend, shape=(h.numel(),))
     y, _ = torch.ops.lorafast.privatize(h, clip_norm, noise_multiplier * clip_norm, mode, seed, 0, name)
     return y
