@@ -8,7 +8,12 @@ and B from a forward done once outside the timed region) and full (both). Provid
   eager_chain      the same forward as plain torch ops; stands in for peft when PEFT is absent
   torch_compile    torch.compile of lorafast.reference.lora_linear
   lorafast-triton  lorafast.lora_linear(..., backend="triton")
+  lorafast-cuda    lorafast.lora_linear(..., backend="cuda") (csrc/ kernels + cuBLAS GEMMs)
   lorafast-torch   lorafast.lora_linear(..., backend="torch") (the CPU smoke mode's default)
+
+On a GPU, each shape's forward+backward medians of lorafast-triton and lorafast-cuda are
+recorded in the backend table that automatic selection reads (lorafast/_selection.py;
+the user's table, or --table PATH).
 
     python bench/bench_lora_linear.py [--quick] [--out PATH] [--providers ...] [--device cuda|cpu]
 
@@ -38,8 +43,9 @@ import common  # noqa: E402
 
 KERNEL = "lora_linear"
 MODES = ("forward", "backward", "full")
-ALL_PROVIDERS = ("frozen_linear", "peft", "eager_chain", "torch_compile", "lorafast-triton", "lorafast-torch")
-GPU_PROVIDERS = ("frozen_linear", "peft", "torch_compile", "lorafast-triton")
+ALL_PROVIDERS = ("frozen_linear", "peft", "eager_chain", "torch_compile", "lorafast-triton", "lorafast-cuda",
+                 "lorafast-torch")
+GPU_PROVIDERS = ("frozen_linear", "peft", "torch_compile", "lorafast-triton", "lorafast-cuda")
 CPU_PROVIDERS = ("frozen_linear", "peft", "lorafast-torch")
 MAX_REL_ERR = 2e-2
 ACT_DTYPE = torch.bfloat16
@@ -188,7 +194,7 @@ def build_lorafast(backend: str) -> Callable[[Inputs], Case]:
 
 BUILDERS = {"frozen_linear": build_frozen, "peft": build_peft, "eager_chain": build_eager_chain,
             "torch_compile": build_compile, "lorafast-triton": build_lorafast("triton"),
-            "lorafast-torch": build_lorafast("torch")}
+            "lorafast-cuda": build_lorafast("cuda"), "lorafast-torch": build_lorafast("torch")}
 
 
 def resolve_providers(requested: Optional[list[str]], cpu: bool) -> list[str]:
@@ -284,9 +290,31 @@ def print_table(p50s: dict, providers: list[str]) -> None:
     print("\n" + common.format_rows(head, lines))
 
 
+def record_backends(p50s: dict, gpu: str, table: Optional[Path]) -> None:
+    """Each shape's faster kernel backend (forward+backward) into the automatic-selection table."""
+    from lorafast import _selection
+    path = None
+    for (label, mode), by in p50s.items():
+        if mode != "full" or "lorafast-triton" not in by or "lorafast-cuda" not in by:
+            continue
+        shape = next(s for s in FULL_SHAPES + QUICK_SHAPES if s.label == label)
+        ms = {"triton": by["lorafast-triton"], "cuda": by["lorafast-cuda"]}
+        path = _selection.record(gpu, "lora_linear", str(ACT_DTYPE).removeprefix("torch."),
+                                 (shape.n, shape.in_f, shape.out_f, shape.r), ms, table)
+        common.log(f"{label:34s} faster backend: {min(ms, key=ms.get)} (triton {ms['triton']:.4f} ms, "
+                   f"cuda {ms['cuda']:.4f} ms, cuda/triton {ms['cuda'] / ms['triton']:.2f})")
+    if path is not None:
+        print(f"recorded the backend choice per shape in {path}")
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    return common.parse_cli(argv, __doc__, KERNEL, "only in=out=4096, r=16, N=512", ALL_PROVIDERS,
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--table", type=Path, default=None, help="backend table to record into (default: the user's)")
+    own, rest = extra.parse_known_args(argv)
+    args = common.parse_cli(rest, __doc__, KERNEL, "only in=out=4096, r=16, N=512", ALL_PROVIDERS,
                             f"default {' '.join(GPU_PROVIDERS)} (on cpu: {' '.join(CPU_PROVIDERS)})")
+    args.table = own.table
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -312,6 +340,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     out = common.write_csv(args.out or common.default_out(KERNEL, device), rows)
     print_table(p50s, providers)
+    if device.type == "cuda":
+        record_backends(p50s, env["gpu_name"], args.table)
     print(common.format_roofline(rl))
     print(f"wrote {len(rows)} rows to {out}")
     return 0
