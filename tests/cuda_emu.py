@@ -87,7 +87,7 @@ class EmulatedOps:
         self.lib, self.sms = lib, sms
 
     def rank_reduce(self, x, p, out, out_scale, l, dw, l_scale, rows_per_sample, dbias, dropout_p, seed, offset):
-        r = p.shape[1] if p is not None else l.shape[1]
+        r = p.shape[1] if p is not None else (l.shape[1] if l is not None else 1)   # dbias alone: r is moot
         for t in (out, l, dbias):
             assert t is None or (t.dtype == torch.float32 and t.is_contiguous())
         sds, sdk, sdr = (0, 0, 0)

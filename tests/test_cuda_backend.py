@@ -85,6 +85,29 @@ def test_ranks_above_the_kernel_tile_go_in_slices(monkeypatch, dtype):
 
 
 @emulated
+@pytest.mark.parametrize("needs", [[False, False, False, False, True], [False, False, True, False, False],
+                                   [True, False, False, False, False], [False, True, False, False, True]],
+                         ids=lambda n: "+".join(k for k, on in zip(["x", "A", "B", "R", "bias"], n) if on))
+def test_each_gradient_alone(monkeypatch, needs):
+    """Every subset of the backward's passes runs on its own (e.g. the bias gradient alone is a
+    pass over dY with neither projection nor factor)."""
+    cuda_emu.activate(monkeypatch)
+    fresh_seed()
+    M, in_f, out_f, r, s = 21, 13, 37, 3, 0.5
+    x, gy = torch.randn(M, in_f), torch.randn(M, out_f)
+    W, A, B, bias = torch.randn(out_f, in_f), torch.randn(r, in_f), torch.randn(out_f, r), torch.randn(out_f)
+    _, h = torch.ops.lorafast.lora_linear_fwd(x, W, A, B, bias, None, s, 0.0, 0, 0, "cuda")
+    got = torch.ops.lorafast.lora_linear_bwd(gy, x, W, A, B, None, bias, h, s, 0.0, 0, 0, needs, "cuda")
+    want = reference.lora_linear_backward(gy.double(), x.double(), W.double(), A.double(), B.double(), None,
+                                          h.double(), scaling=s, dropout_p=0.0, seed=0, offset=0,
+                                          needs=tuple(needs))
+    for g, w, n in zip(got, want, needs):
+        assert (g.numel() == 0) != n
+        if n:
+            assert rel_err(g, w) < 1e-5
+
+
+@emulated
 def test_splitting_k_across_blocks_changes_only_rounding(monkeypatch):
     """The grid splits K when rows are few (OUT then sums partial products with atomics):
     one multiprocessor (no split) and many (split) give the same projection and gradients."""
