@@ -308,13 +308,8 @@ def record_backends(p50s: dict, gpu: str, table: Optional[Path]) -> None:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--table", type=Path, default=None, help="backend table to record into (default: the user's)")
-    own, rest = extra.parse_known_args(argv)
-    args = common.parse_cli(rest, __doc__, KERNEL, "only in=out=4096, r=16, N=512", ALL_PROVIDERS,
-                            f"default {' '.join(GPU_PROVIDERS)} (on cpu: {' '.join(CPU_PROVIDERS)})")
-    args.table = own.table
-    return args
+    return common.parse_cli(argv, __doc__, KERNEL, "only in=out=4096, r=16, N=512", ALL_PROVIDERS,
+                            f"default {' '.join(GPU_PROVIDERS)} (on cpu: {' '.join(CPU_PROVIDERS)})", table=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -75,9 +75,14 @@ def format_rows(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
                      + [fmt.format(*cells) for cells in lines])
 
 
-def parse_cli(argv, doc: str, kernel: str, quick_help: str, providers: Sequence[str], providers_help: str):
-    """The options every benchmark script shares: --quick, --out, --device, --providers."""
+def parse_cli(argv, doc: str, kernel: str, quick_help: str, providers: Sequence[str], providers_help: str,
+              table: bool = False):
+    """The options every benchmark script shares: --quick, --out, --device, --providers; with
+    ``table``, also --table (where to record the measured backend choice, lorafast/_selection.py)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if table:
+        ap.add_argument("--table", type=Path, default=None,
+                        help="backend table to record the faster of triton/cuda into (default: the user's)")
     ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--out", type=Path, default=None,
                     help=f"CSV path (default bench/results/{kernel}_<gpu>.csv)")
