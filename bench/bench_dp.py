@@ -8,12 +8,17 @@ Providers:
 
   lorafast-nonprivate  layer="lorafast", plain training: the floor
   lorafast-dp          layer="lorafast" under lorafast.dp.PrivacyEngine (PLD accountant),
-                       flat clipping, noise_multiplier=1, max_grad_norm=1
+                       flat clipping, noise_multiplier=1, max_grad_norm=1; kernels on the
+                       automatic backend
+  lorafast-dp-cuda     the same with make_private(backend="cuda"): the CUDA C++ kernels
+                       (csrc/); GPU only, not in the CPU smoke mode's default
   opacus               layer="plain" (PEFT-style nn.Linear adapters) under
                        opacus.PrivacyEngine, hooks mode (per-sample gradients)
   opacus-ghost         the same with Opacus ghost clipping (grad_sample_mode="ghost")
 
-A provider whose library is missing (opacus, lorafast.dp) is skipped with a banner.
+A provider whose library is missing (opacus, lorafast.dp), or lorafast-dp-cuda where the
+CUDA backend cannot run (lorafast._backend.cuda_status(), or --device cpu), is skipped with
+a banner.
 
 Metrics per (provider, batch):
   time         ms per step: CUDA events through triton.testing.do_bench (p50/p20/p80)
@@ -27,8 +32,8 @@ Metrics per (provider, batch):
 Before timing, each DP provider is checked once with noise_multiplier=0 on one batch
 (batch 16): its clipped, averaged gradient of every adapter and of the head (read from
 the SGD update) must match a per-sample reference loop and, where both run,
-lorafast-dp must match Opacus: relative error ≤ 2e-2 per tensor in bf16 (≤ 1e-4 in
-fp32, which the CPU smoke mode uses). The check's clipping bound is the median
+lorafast-dp (and lorafast-dp-cuda) must match Opacus: relative error ≤ 2e-2 per tensor
+in bf16 (≤ 1e-4 in fp32, which the CPU smoke mode uses). The check's clipping bound is the median
 per-sample gradient norm, so that about half the batch is clipped.
 
     python bench/bench_dp.py [--quick] [--out PATH] [--device cuda|cpu] [--providers ...]
@@ -37,13 +42,14 @@ Without a GPU only `--device cpu` runs anything: a tiny model (hidden=32, 2 laye
 T=8, batch 4 and 8) timed with a wall clock and no peak_memory rows, so that the
 script itself can be tested.
 
-Exit status: 0 when every requested provider ran or was skipped for a missing library,
-out of memory, or (baselines only) an error; 1 when a gradient check fails or a lorafast
-provider raises.
+Exit status: 0 when every requested provider ran or was skipped for a missing library
+or CUDA backend, out of memory, or (baselines only) an error; 1 when a gradient check
+fails or a lorafast provider raises.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -65,8 +71,9 @@ from dp_model import TinyTransformer, copy_weights, randomize_lora_B_, trainable
 KERNEL = "dp_step"
 MODE = "train_step"
 X_NAME = "config"
-ALL_PROVIDERS = ("lorafast-nonprivate", "lorafast-dp", "opacus", "opacus-ghost")
-DP_PROVIDERS = ("lorafast-dp", "opacus", "opacus-ghost")
+ALL_PROVIDERS = ("lorafast-nonprivate", "lorafast-dp", "lorafast-dp-cuda", "opacus", "opacus-ghost")
+DP_PROVIDERS = ("lorafast-dp", "lorafast-dp-cuda", "opacus", "opacus-ghost")
+CUDA_PROVIDER = "lorafast-dp-cuda"  # backend="cuda": GPU only
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 LR = 1e-4             # timed steps: small enough that many updates stay finite
@@ -124,7 +131,7 @@ class ProviderError(RuntimeError):
 def lorafast_dp_status() -> tuple[bool, str]:
     """(usable, "ok" or why not)."""
     try:
-        from lorafast.dp import PrivacyEngine  # noqa: F401
+        importlib.import_module("lorafast.dp")
     except Exception as e:  # a missing dependency (dp-accounting) raises more than ImportError
         return False, f"{type(e).__name__}: {e}"
     return True, "ok"
@@ -139,15 +146,18 @@ def opacus_status() -> tuple[bool, str]:
     return True, getattr(opacus, "__version__", "unknown version")
 
 
-def resolve_providers(requested: Optional[list[str]]) -> list[str]:
-    """The requested providers whose libraries import here; the others are dropped loudly."""
-    wanted = list(dict.fromkeys(requested or ALL_PROVIDERS))
-    if "lorafast-dp" in wanted:
+def resolve_providers(requested: Optional[list[str]], device: torch.device) -> list[str]:
+    """The requested providers whose libraries import here; the others are dropped loudly.
+    The CPU default leaves out the CUDA provider."""
+    wanted = list(dict.fromkeys(requested or common.default_providers(ALL_PROVIDERS, CUDA_PROVIDER, device)))
+    ours = [p for p in wanted if p in ("lorafast-dp", CUDA_PROVIDER)]
+    if ours:
         ok, info = lorafast_dp_status()
         if not ok:
-            common.banner(f"lorafast.dp IS NOT AVAILABLE ({info}).\nProvider `lorafast-dp` is skipped: "
+            common.banner(f"lorafast.dp IS NOT AVAILABLE ({info}).\nSkipped: {', '.join(ours)}: "
                           "no DP timing, no DP gradient check, no DP ratios.")
-            wanted.remove("lorafast-dp")
+            wanted = [p for p in wanted if p not in ours]
+    wanted = common.drop_unusable_cuda(wanted, CUDA_PROVIDER, device, "no CUDA rows, no CUDA gradient check")
     if {"opacus", "opacus-ghost"} & set(wanted):
         ok, info = opacus_status()
         if ok:
@@ -220,16 +230,19 @@ def build_nonprivate(cfg, device, *, noise, clip, lr) -> Case:
     return Case("lorafast-nonprivate", _plain_step(model, opt, x, y, {}), params)
 
 
-def build_lorafast_dp(cfg, device, *, noise, clip, lr) -> Case:
-    from lorafast.dp import PrivacyEngine
-    model = make_model(cfg, "lorafast", device)
-    params = trainable_parameters(model)  # before wrapping: the engine may wrap the module
-    opt = _sgd(model, lr)
-    model, opt, loader = PrivacyEngine(accountant="pld").make_private(
-        module=model, optimizer=opt, data_loader=make_loader(cfg), noise_multiplier=noise,
-        max_grad_norm=clip, clipping="flat", poisson_sampling=False)
-    x, y = first_batch(loader, device)
-    return Case("lorafast-dp", _plain_step(model, opt, x, y, {}), params)
+def build_lorafast_dp(provider: str, backend: Optional[str]):
+    """lorafast.dp with its kernels on ``backend`` (None: automatic selection)."""
+    def build(cfg, device, *, noise, clip, lr) -> Case:
+        from lorafast.dp import PrivacyEngine
+        model = make_model(cfg, "lorafast", device)
+        params = trainable_parameters(model)  # before wrapping: the engine may wrap the module
+        opt = _sgd(model, lr)
+        model, opt, loader = PrivacyEngine(accountant="pld").make_private(
+            module=model, optimizer=opt, data_loader=make_loader(cfg), noise_multiplier=noise,
+            max_grad_norm=clip, clipping="flat", poisson_sampling=False, backend=backend)
+        x, y = first_batch(loader, device)
+        return Case(provider, _plain_step(model, opt, x, y, {}), params)
+    return build
 
 
 def build_opacus(ghost: bool):
@@ -259,7 +272,8 @@ def build_opacus(ghost: bool):
     return build
 
 
-BUILDERS = {"lorafast-nonprivate": build_nonprivate, "lorafast-dp": build_lorafast_dp,
+BUILDERS = {"lorafast-nonprivate": build_nonprivate, "lorafast-dp": build_lorafast_dp("lorafast-dp", None),
+            CUDA_PROVIDER: build_lorafast_dp(CUDA_PROVIDER, "cuda"),
             "opacus": build_opacus(ghost=False), "opacus-ghost": build_opacus(ghost=True)}
 
 
@@ -330,10 +344,10 @@ def check_gradients(cfg: Config, providers: list[str], device: torch.device) -> 
             common.free(device)
         if not compare(updates[p], ref, tol, f"{p} vs reference:"):
             failed.append(p)
-    if "lorafast-dp" in updates and "opacus" in updates:
-        if not compare(updates["lorafast-dp"], updates["opacus"], tol, "lorafast-dp vs opacus:") \
-                and "lorafast-dp" not in failed:
-            failed.append("lorafast-dp")
+    for p in ("lorafast-dp", CUDA_PROVIDER):
+        if p in updates and "opacus" in updates:
+            if not compare(updates[p], updates["opacus"], tol, f"{p} vs opacus:") and p not in failed:
+                failed.append(p)
     for p in failed:
         common.banner(f"GRADIENT CHECK FAILED: {p}'s clipped gradients disagree (tolerance {tol:g}).\n"
                       f"{p} is not timed and the run exits non-zero.")
@@ -427,7 +441,7 @@ def print_table(p50s: dict, providers: list[str], cpu: bool) -> None:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return common.parse_cli(argv, __doc__, KERNEL, "batch 16 only, fewer timed steps", ALL_PROVIDERS,
-                            f"default: all of {' '.join(ALL_PROVIDERS)}")
+                            f"default: all of {' '.join(ALL_PROVIDERS)} (with --device cpu, all but {CUDA_PROVIDER})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -438,7 +452,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device is None:
         return 0
     configs = CPU_CONFIGS if cpu else QUICK_CONFIGS if args.quick else GPU_CONFIGS
-    providers = resolve_providers(args.providers)
+    providers = resolve_providers(args.providers, device)
     env = common.env_info(device)
     common.log(f"device {env['gpu_name']} | torch {env['torch_version']} | triton {env['triton_version']} "
                f"| commit {env['commit']} | model {configs[0].model_label} | providers {' '.join(providers)}")

@@ -14,6 +14,8 @@ are fp32: Aᵢ (r, in), Bᵢ (out, r), with unequal weights pᵢ (Σ pᵢ = 1). 
   lorafast-triton  aggregate(..., backend="triton"): the fused merge kernel, which reads W
                    (and the compensation) once, loops over the K stacked factors per tile
                    and writes W once
+  lorafast-cuda    aggregate(..., backend="cuda"): the fused merge as a CUDA C++ kernel
+                   (csrc/); GPU only, not in the CPU smoke mode's default
 
 Metrics per (provider, config), x_name `config`, e.g. `k=16,r=16,shape=4096x4096,master=fp32`
 (`master=bf16+comp` for (b)):
@@ -49,7 +51,8 @@ runs anything: k=3, r=4, W 48×40, both masters, timed with a wall clock, lorafa
 under the Triton interpreter, so that the script itself can be tested.
 
 Exit status: 0 when every requested provider ran or was skipped (Triton backend missing,
-out of memory, naive raising); 1 when a check fails or torch_stacked or lorafast-triton
+CUDA backend unusable here (lorafast._backend.cuda_status(), or --device cpu), out of
+memory, naive raising); 1 when a check fails or torch_stacked or a lorafast provider
 raises.
 """
 from __future__ import annotations
@@ -74,8 +77,9 @@ import common  # noqa: E402
 KERNEL = "fedex_merge"
 MODE = "merge"
 X_NAME = "config"
-ALL_PROVIDERS = ("naive", "torch_stacked", "lorafast-triton")
+ALL_PROVIDERS = ("naive", "torch_stacked", "lorafast-triton", "lorafast-cuda")
 OURS = "lorafast-triton"
+CUDA_PROVIDER = "lorafast-cuda"  # backend="cuda": GPU only
 MAX_REL_ERR = 1e-5
 SCALING = 2.0    # lora_alpha = 2r
 DELTA = 0.05     # ‖s·BᵢAᵢ‖ ≈ DELTA·‖W‖: a client's adapter is a few percent of the weight
@@ -138,14 +142,17 @@ def triton_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-def resolve_providers(requested: Optional[list[str]]) -> list[str]:
-    wanted = list(dict.fromkeys(requested or ALL_PROVIDERS))
+def resolve_providers(requested: Optional[list[str]], device: torch.device) -> list[str]:
+    """The requested providers that can run here, the others dropped loudly; the CPU default
+    leaves out the CUDA provider."""
+    wanted = list(dict.fromkeys(requested or common.default_providers(ALL_PROVIDERS, CUDA_PROVIDER, device)))
     if OURS in wanted:
         ok, why = triton_status()
         if not ok:
             common.banner(f"THE TRITON BACKEND IS NOT AVAILABLE ({why}).\nProvider `{OURS}` is skipped: "
                           "no Triton rows, no ratios against it, no targets.")
             wanted.remove(OURS)
+    wanted = common.drop_unusable_cuda(wanted, CUDA_PROVIDER, device, "no CUDA rows")
     return wanted
 
 
@@ -167,7 +174,7 @@ def merge_fn(provider: str) -> Callable[..., None]:
     if provider == "naive":
         return naive_merge
     from lorafast.federated import aggregate
-    backend = {"torch_stacked": "torch", OURS: "triton"}[provider]
+    backend = {"torch_stacked": "torch", OURS: "triton", CUDA_PROVIDER: "cuda"}[provider]
 
     def merge(weight, client_A, client_B, p, scaling, compensation):
         aggregate(weight, client_A, client_B, method="fedex", client_weights=p, scaling=scaling,
@@ -365,7 +372,7 @@ def print_table(p50s: dict, providers: list[str], cpu: bool) -> None:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return common.parse_cli(argv, __doc__, KERNEL, "only k=16, r=16, 4096x4096 (both masters)", ALL_PROVIDERS,
-                            f"default: all of {' '.join(ALL_PROVIDERS)}")
+                            f"default: all of {' '.join(ALL_PROVIDERS)} (with --device cpu, all but {CUDA_PROVIDER})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -376,7 +383,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device is None:
         return 0
     configs = CPU_CONFIGS if cpu else QUICK_CONFIGS if args.quick else GPU_CONFIGS
-    providers = resolve_providers(args.providers)
+    providers = resolve_providers(args.providers, device)
     env = common.env_info(device)
     common.log(f"device {env['gpu_name']} | torch {env['torch_version']} | triton {env['triton_version']} "
                f"| commit {env['commit']} | providers {' '.join(providers)}")

@@ -10,11 +10,15 @@ fp32 (PEFT's default, autocast_adapter_dtype=True). lora_B starts random, N(0, 0
 instead of PEFT's zeros, so that the adapters change the output and A has a gradient.
 Sequence 2048, batch 4 (--batch, --seq, --layers change them). Providers:
 
-  peft      the PEFT model as is (nn.Linear base layer plus lora_A / lora_B modules)
-  lorafast  a deep copy of the same PEFT model after lorafast.from_peft(model), which
-            replaces every PEFT LoRA layer in place by a fused lorafast.LoRALinear that
-            shares its parameter tensors; lorafast picks its backend as usual (Triton on
-            the GPU)
+  peft           the PEFT model as is (nn.Linear base layer plus lora_A / lora_B modules)
+  lorafast       a deep copy of the same PEFT model after lorafast.from_peft(model), which
+                 replaces every PEFT LoRA layer in place by a fused lorafast.LoRALinear that
+                 shares its parameter tensors; lorafast picks its backend as usual
+                 (automatic selection on the GPU)
+  lorafast-cuda  the same lorafast model under lorafast.use_backend("cuda"): the CUDA C++
+                 kernels (csrc/). GPU only: not in the CPU smoke mode's default, and
+                 skipped with a banner where lorafast._backend.cuda_status() says the CUDA
+                 backend cannot run (or with --device cpu)
 
 One step = forward with labels (the causal-LM loss, mean over tokens), backward,
 AdamW (lr 1e-4, torch defaults otherwise) over the trainable parameters, then
@@ -26,8 +30,8 @@ Metrics per provider, x_name `config`, x_value e.g. `params=1.10B,seq=2048,batch
   peak_memory   MB (2**20 bytes): torch.cuda.max_memory_allocated over one step after
                 reset_peak_memory_stats, 3 steps. It counts every live tensor: the
                 resident model, AdamW's state, the batch and the activations saved for
-                backward. While one provider runs the other's model waits on the CPU, so
-                neither is charged for the other.
+                backward. While one provider runs the other model waits on the CPU, so
+                neither is charged for the other (lorafast and lorafast-cuda share one).
 
 Before timing, the two models (identical weights) run forward and backward on the same
 batch: the losses must agree to a relative 1e-2, the lora_A / lora_B gradients of three
@@ -35,7 +39,8 @@ adapted layers (the first q_proj, a middle v_proj, the last down_proj) to a rela
 (Frobenius) error of 1e-1 (two correct bf16 models differ by a few percent after 22
 layers, a bug by O(1); 1e-4 and 1e-3 in fp32), and from_peft must have replaced every
 PEFT LoRA layer by a lorafast.LoRALinear with the same scaling and the same number of
-trainable parameters. Otherwise nothing is timed and the run exits 1.
+trainable parameters. With lorafast-cuda the loss and gradient check runs a second time,
+under backend "cuda". Otherwise nothing is timed and the run exits 1.
 
 Target: the lorafast step at least 1.25x faster than PEFT's, with a peak memory no higher.
 
@@ -51,7 +56,7 @@ tensor storages that a dispatch mode counts (LiveBytes below: resident model, op
 state and batch, plus every tensor an op returns until it is freed; not temporaries
 inside one op), so that the script itself can be tested.
 
-Exit status: 0 when both providers ran (or one was skipped for running out of memory);
+Exit status: 0 when every provider ran (or was skipped: out of memory, no CUDA backend);
 1 when lorafast.from_peft is missing, the check fails, or a provider raises.
 """
 from __future__ import annotations
@@ -82,7 +87,9 @@ import common  # noqa: E402
 KERNEL = "model_step"
 MODE = "train_step"
 X_NAME = "config"
-ALL_PROVIDERS = ("peft", "lorafast")
+ALL_PROVIDERS = ("peft", "lorafast", "lorafast-cuda")
+CUDA_PROVIDER = "lorafast-cuda"  # lorafast under use_backend("cuda"): GPU only
+BACKEND = {CUDA_PROVIDER: "cuda"}  # a provider's forced lorafast backend (absent: automatic)
 LR = 1e-4
 B_STD = 0.02          # lora_B ~ N(0, B_STD²) instead of zeros
 DATA_SEED = 2
@@ -161,6 +168,15 @@ def from_peft_status() -> tuple[bool, str]:
     if callable(getattr(lorafast, "from_peft", None)):
         return True, "ok"
     return False, "lorafast has no from_peft (this lorafast predates the PEFT interop)"
+
+
+def resolve_providers(requested: Optional[list[str]], device: torch.device) -> list[str]:
+    """The requested providers in ALL_PROVIDERS order, the CUDA one dropped loudly where it
+    cannot run; the CPU default leaves it out."""
+    default = common.default_providers(ALL_PROVIDERS, CUDA_PROVIDER, device)
+    wanted = [p for p in ALL_PROVIDERS if p in (requested or default)]
+    wanted = common.drop_unusable_cuda(wanted, CUDA_PROVIDER, device, "no CUDA rows, no CUDA check")
+    return wanted
 
 
 # ------------------------------------------------------------------ models and data
@@ -398,7 +414,7 @@ def run_provider(provider: str, model: nn.Module, cfg: Config, label: str, devic
         case = None
         model.zero_grad(set_to_none=True)
         common.free(device)
-    common.log(f"{provider:9s} " + ", ".join(line))
+    common.log(f"{provider:13s} " + ", ".join(line))
     return rows, True
 
 
@@ -452,7 +468,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     extra.add_argument("--layers", type=int, default=None, help="decoder layers (default 22; CPU 2)")
     own, rest = extra.parse_known_args(argv)
     args = common.parse_cli(rest, __doc__, KERNEL, "fewer timed steps", ALL_PROVIDERS,
-                            f"default: both of {' '.join(ALL_PROVIDERS)} (the check always builds both)")
+                            f"default: all of {' '.join(ALL_PROVIDERS)} (with --device cpu, all but "
+                            f"{CUDA_PROVIDER}; the check always builds both models)")
     for k, v in vars(own).items():
         if v is not None and v < 1:
             raise SystemExit(f"--{k} must be >= 1, got {v}")
@@ -471,7 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = replace(cfg, **{k: v for k in ("batch", "seq") if (v := getattr(args, k)) is not None})
     if args.layers is not None:
         cfg = replace(cfg, n_layers=args.layers)
-    providers = [p for p in ALL_PROVIDERS if p in (args.providers or ALL_PROVIDERS)]
+    providers = resolve_providers(args.providers, device)
 
     ok, versions = library_status()
     if not ok:
@@ -500,30 +517,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         common.banner(f"FAILED: lorafast.from_peft raised {type(e).__name__}: {e}\nNothing is timed.")
         return 1
     try:
-        same = check_same(peft_model, fast_model, cfg, device)
+        for checked in ["lorafast"] + [p for p in providers if p in BACKEND]:
+            if checked in BACKEND:
+                common.log(f"check of {checked}: lorafast backend {BACKEND[checked]!r}")
+            with lorafast.use_backend(BACKEND.get(checked)):
+                same = check_same(peft_model, fast_model, cfg, device)
+            if not same:
+                break
     except torch.cuda.OutOfMemoryError as e:
         common.banner(f"OUT OF MEMORY in the check (both models are on the GPU): try a smaller --batch.\n"
                       f"{str(e).splitlines()[0]}")
         return 1
     except Exception as e:
-        common.banner(f"CHECK FAILED: it raised {type(e).__name__}: {e}\nNothing is timed.")
+        common.banner(f"CHECK FAILED: {checked}: it raised {type(e).__name__}: {e}\nNothing is timed.")
         return 1
     if not same:
-        common.banner("CHECK FAILED: lorafast.from_peft's model does not compute what the PEFT model does "
-                      "(see above).\nNothing is timed.")
+        common.banner(f"CHECK FAILED: lorafast.from_peft's model ({checked}) does not compute what the PEFT "
+                      "model does (see above).\nNothing is timed.")
         return 1
     common.free(device)
 
-    models = {"peft": peft_model, "lorafast": fast_model}
+    models = {"peft": peft_model, "lorafast": fast_model, CUDA_PROVIDER: fast_model}
     rows, p50s, broken = [], {}, []
     for p in common.progress(providers, desc=KERNEL):
         if device.type == "cuda":  # only the model under test on the GPU
-            for q, m in models.items():
-                if q != p:
+            for m in models.values():
+                if m is not models[p]:
                     m.to("cpu")
             common.free(device)
             models[p].to(device)
-        new, ok = run_provider(p, models[p], cfg, label, device, env, args.quick, p50s)
+        with lorafast.use_backend(BACKEND.get(p)):
+            new, ok = run_provider(p, models[p], cfg, label, device, env, args.quick, p50s)
         rows += new
         if not ok:
             broken.append(p)

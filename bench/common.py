@@ -101,6 +101,26 @@ def no_gpu_banner(device: str, what: str) -> bool:
     return True
 
 
+def default_providers(providers: Sequence[str], cuda_provider: str, device: torch.device) -> list[str]:
+    """``providers`` as a default list: the CUDA-backend provider only on a GPU."""
+    return [p for p in providers if device.type == "cuda" or p != cuda_provider]
+
+
+def drop_unusable_cuda(wanted: list[str], cuda_provider: str, device: torch.device, lost: str) -> list[str]:
+    """``wanted`` without ``cuda_provider`` (after a banner saying why and that ``lost`` is
+    lost) when lorafast's CUDA backend cannot run on ``device``."""
+    if cuda_provider not in wanted:
+        return wanted
+    from lorafast import _backend
+    ok, why = _backend.cuda_status()
+    if ok and device.type != "cuda":
+        ok, why = False, f"--device {device.type}: backend='cuda' needs CUDA tensors"
+    if ok:
+        return wanted
+    banner(f"THE CUDA BACKEND IS NOT AVAILABLE ({why}).\nProvider `{cuda_provider}` is skipped: {lost}.")
+    return [p for p in wanted if p != cuda_provider]
+
+
 def open_device(device: str, smoke_what: str, smoke_banner: str, one_thread: bool = True) -> Optional[torch.device]:
     """The device to run on, or None (after the no-GPU banner) when CUDA was asked for and there
     is none. On the CPU, the smoke-mode banner, and one thread when ``one_thread``: at these

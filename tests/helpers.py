@@ -93,9 +93,9 @@ BENCH_SCHEMA = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_val
                 "gpu_name", "torch_version", "triton_version", "commit"]
 
 
-def run_bench_cpu(script: str, out: Path, timeout: int = 180):
-    """Run ``bench/<script> --device cpu --out out``; (the process, the CSV rows as dicts)."""
-    proc = subprocess.run([sys.executable, f"bench/{script}", "--device", "cpu", "--out", str(out)],
+def run_bench_cpu(script: str, out: Path, *args: str, timeout: int = 180):
+    """Run ``bench/<script> --device cpu --out out [args]``; (the process, the CSV rows as dicts)."""
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--device", "cpu", "--out", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with out.open(newline="") as f:

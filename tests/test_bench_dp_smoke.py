@@ -18,6 +18,7 @@ def test_bench_dp_cpu_smoke(tmp_path):
 
     providers = {r["provider"] for r in rows}
     assert providers >= {"lorafast-nonprivate", "lorafast-dp", "opacus"}, proc.stdout
+    assert "lorafast-dp-cuda" not in providers and "CUDA BACKEND" not in proc.stdout  # not a CPU default
     for r in rows:
         assert r["kernel"] == "dp_step" and r["gpu_name"] == "cpu"
         assert (r["mode"], r["metric"], r["unit"], r["x_name"]) == ("train_step", "time", "ms", "config"), r
@@ -69,3 +70,9 @@ def test_copy_weights_refuses_a_different_model():
         copy_weights(fast, other)
     with pytest.raises(ValueError, match="n_layers"):
         copy_weights(fast, TinyTransformer(hidden=32, n_layers=1, n_heads=4, r=3, n_classes=3, layer="plain"))
+
+
+def test_bench_dp_cpu_drops_cuda_provider(tmp_path):
+    proc, rows = run_bench_cpu("bench_dp.py", tmp_path / "dp.csv", "--providers", "lorafast-nonprivate", "lorafast-dp-cuda")
+    assert "THE CUDA BACKEND IS NOT AVAILABLE" in proc.stdout and "`lorafast-dp-cuda` is skipped" in proc.stdout
+    assert {r["provider"] for r in rows} == {"lorafast-nonprivate"}

@@ -18,6 +18,7 @@ def test_bench_model_cpu_smoke(tmp_path):
 
     assert "check: from_peft replaced 14 of 14 PEFT LoRA layers" in proc.stdout, proc.stdout
     assert "FAILED" not in proc.stdout, proc.stdout
+    assert "CUDA BACKEND" not in proc.stdout, proc.stdout  # lorafast-cuda is not a CPU default
     assert {(r["provider"], r["metric"]) for r in rows} == {(p, m) for p in ("peft", "lorafast") for m in METRICS}
     assert len(rows) == 6
     for r in rows:
@@ -32,3 +33,9 @@ def test_bench_model_cpu_smoke(tmp_path):
     by = {(r["provider"], r["metric"]): float(r["y_p50"]) for r in rows}
     for p in ("peft", "lorafast"):
         assert by[p, "tokens_per_s"] == pytest.approx(32 / (by[p, "time"] * 1e-3), rel=1e-4)
+
+
+def test_bench_model_cpu_drops_cuda_provider(tmp_path):
+    proc, rows = run_bench_cpu("bench_model.py", tmp_path / "model.csv", "--providers", "lorafast", "lorafast-cuda")
+    assert "THE CUDA BACKEND IS NOT AVAILABLE" in proc.stdout and "`lorafast-cuda` is skipped" in proc.stdout
+    assert {r["provider"] for r in rows} == {"lorafast"}
