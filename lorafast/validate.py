@@ -173,6 +173,8 @@ def targets() -> Iterator[tuple[str, str]]:
         yield "triton", "cuda" if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():
         yield "torch", "cuda"
+    if "cuda" in _backend.available_backends():
+        yield "cuda", "cuda"       # the first use JIT-compiles csrc/ unless the extension is prebuilt
 
 
 def run_checks(progress: Optional[callable] = None) -> list[Row]:
