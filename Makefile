@@ -1,5 +1,6 @@
-# make demo   — create .venv, install, validate the kernels and train a LoRALinear
+# make check  — create .venv, install, validate every kernel on this machine (lorafast check)
 # make test   — create .venv, install, run the test suite
+# make demo   — create .venv, install, validate the kernels and train a LoRALinear
 # On a GPU machine with torch already installed, set TORCH= to reuse it (system site-packages).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 NVCC   ?= nvcc
 
-.PHONY: demo test bench cuda-check clean
+.PHONY: check demo test bench cuda-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(if $(TORCH),,--system-site-packages) $(VENV)
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+check: $(VENV)/.installed
+	$(VENV)/bin/lorafast check
+
 demo: $(VENV)/.installed
 	$(PY) -m lorafast.demo
 
@@ -23,7 +27,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) bench/bench_lora_linear.py
+	$(VENV)/bin/lorafast bench
 
 # compile-check every CUDA source (csrc/*.cu, and csrc/checks/*.cu that instantiate the
 # headers' device code) for sm_80 and sm_90a, without a GPU and without torch
