@@ -11,6 +11,10 @@ and B from a forward done once outside the timed region) and full (both). Provid
   lorafast-cuda    lorafast.lora_linear(..., backend="cuda") (csrc/ kernels + cuBLAS GEMMs)
   lorafast-torch   lorafast.lora_linear(..., backend="torch") (the CPU smoke mode's default)
 
+Each timed row has a twin with metric roofline_fraction: the least time the machine allows
+(roofline_ms: bytes over the copy bandwidth or flops over the bf16 GEMM rate, both measured
+in the same run) over the measured time.
+
 On a GPU, each shape's forward+backward medians of lorafast-triton and lorafast-cuda are
 recorded in the backend table that automatic selection reads (lorafast/_selection.py;
 the user's table, or --table PATH).
@@ -246,9 +250,26 @@ def ready_cases(inp: Inputs, providers: list[str]) -> list[Case]:
     return cases
 
 
+def roofline_ms(shape: Shape, mode: str, rl: dict) -> float:
+    """The least time the machine allows, max(bytes / copy bandwidth, flops / bf16 GEMM rate), ms.
+    With E = 2 bytes (bf16) and n tokens:
+      forward   flops 2n·in·out + 2n·r(in+out)       bytes E(n·in + in·out + n·out)   (x, W, y)
+      backward  flops 2n·in·out + 4n·r(in+out)       bytes E(n·out + in·out + 2n·in)  (dY, W, x, dx)
+    (dx = dY W is the only large GEMM: W is frozen); full is their sum. The adapters (r·(in+out))
+    are not counted."""
+    n, i, o, r = shape.n, shape.in_f, shape.out_f, shape.r
+    e = 2
+    cost = {"forward": (2 * n * i * o + 2 * n * r * (i + o), e * (n * i + i * o + n * o)),
+            "backward": (2 * n * i * o + 4 * n * r * (i + o), e * (n * o + i * o + 2 * n * i))}
+    cost["full"] = tuple(a + b for a, b in zip(cost["forward"], cost["backward"]))
+    flops, nbytes = cost[mode]
+    return 1e3 * max(nbytes / (rl["bandwidth"]["q"][0] * 1e9), flops / (rl["tflops"]["q"][0] * 1e12))
+
+
 def run_shape(shape: Shape, providers: list[str], device: torch.device, env: dict,
-              p50s: dict) -> list[dict]:
-    """Time every provider on ``shape``; returns CSV rows and fills p50s[(label, mode)][provider]."""
+              p50s: dict, rl: dict) -> list[dict]:
+    """Time every provider on ``shape``; returns CSV rows (time, and roofline_fraction = roofline
+    time / measured time) and fills p50s[(label, mode)][provider]."""
     inp = make_inputs(shape, device)
     rows = []
     for case in ready_cases(inp, providers):
@@ -257,6 +278,9 @@ def run_shape(shape: Shape, providers: list[str], device: torch.device, env: dic
             for mode in MODES:
                 q = time_mode(case, mode, inp.grad_y, device)
                 rows.append(common.row(KERNEL, case.provider, mode, "time", "ms", "shape", shape.label, q, env))
+                roof = roofline_ms(shape, mode, rl)
+                rows.append(common.row(KERNEL, case.provider, mode, "roofline_fraction", "fraction", "shape",
+                                       shape.label, [roof / t for t in (q[0], q[2], q[1])], env))
                 p50s.setdefault((shape.label, mode), {})[case.provider] = q[0]
                 done.append(f"{mode} {q[0]:.4f}")
         except Exception as e:
@@ -329,7 +353,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = common.roofline_rows(KERNEL, rl, env)
     p50s: dict = {}
     for shape in common.progress(shapes, desc=KERNEL):
-        rows += run_shape(shape, providers, device, env, p50s)
+        rows += run_shape(shape, providers, device, env, p50s, rl)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
