@@ -223,13 +223,18 @@ def check(case: Case, refs: dict[bool, Tensor]) -> float:
     return rel_err(y, refs[case.lora])
 
 
-def time_mode(case: Case, mode: str, grad_y: Tensor, device: torch.device) -> list[float]:
+def mode_fn(case: Case, mode: str, grad_y: Tensor) -> Callable[[], object]:
+    """What one timed run of ``mode`` does (the pytest-benchmark suites time the same callable)."""
     if mode == "forward":
-        return common.bench(case.fn, device, case.grads)
+        return case.fn
     if mode == "backward":
         y = case.fn()  # forward once, untimed; retain_graph keeps its graph for every run
-        return common.bench(lambda: y.backward(grad_y, retain_graph=True), device, case.grads)
-    return common.bench(lambda: case.fn().backward(grad_y), device, case.grads)
+        return lambda: y.backward(grad_y, retain_graph=True)
+    return lambda: case.fn().backward(grad_y)
+
+
+def time_mode(case: Case, mode: str, grad_y: Tensor, device: torch.device) -> list[float]:
+    return common.bench(mode_fn(case, mode, grad_y), device, case.grads)
 
 
 def ready_cases(inp: Inputs, providers: list[str]) -> list[Case]:

@@ -87,11 +87,21 @@ def checked(name: str, h: torch.Tensor, mode: str) -> Optional[Callable[[float],
     return fn
 
 
+def make_input(rows: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The seeded activations h (rows, d) that every provider privatizes."""
+    torch.manual_seed(0)
+    return torch.randn(rows, d, device=device, dtype=dtype) * 0.1
+
+
+def bytes_moved(h: torch.Tensor) -> int:
+    """h read once and y written once: the bytes behind the bandwidth metric."""
+    return 2 * h.numel() * h.element_size()
+
+
 def run_shape(rows: int, d: int, dtype: torch.dtype, providers: list[str], device: torch.device, env: dict,
               p50s: dict) -> list[dict]:
-    torch.manual_seed(0)
-    h = torch.randn(rows, d, device=device, dtype=dtype) * 0.1
-    nbytes = 2 * h.numel() * h.element_size()
+    h = make_input(rows, d, dtype, device)
+    nbytes = bytes_moved(h)
     lab = label(rows, d, dtype)
     out = []
     for mode in MODES:
