@@ -47,10 +47,11 @@ def _fedex_merge_kernel(W, stride_wm, stride_wn, C, stride_cm, stride_cn,
         acc = tl.dot(u, v, acc, input_precision=PREC)
 
     ok = m_ok[:, None] & n_ok[None, :]
-    w_ptrs = W + rm[:, None].to(tl.int64) * stride_wm + rn[None, :] * stride_wn
+    # int64 both ways: W may be the transposed view of a (in, out) weight (GPT-2's Conv1D)
+    w_ptrs = W + rm[:, None].to(tl.int64) * stride_wm + rn[None, :].to(tl.int64) * stride_wn
     w = tl.load(w_ptrs, mask=ok, other=0.0).to(tl.float32)
     if HAS_COMP:
-        c_ptrs = C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
+        c_ptrs = C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :].to(tl.int64) * stride_cn
         t = tl.load(c_ptrs, mask=ok, other=0.0) + acc
         new = w + t
     else:

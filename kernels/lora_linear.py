@@ -81,6 +81,7 @@ def _lora_project_kernel(
 ):
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
+    rows = rm.to(tl.int64)     # rows × stride passes 2³¹ on large batches
     if PER_SAMPLE:
         # rows are samples of T consecutive rows; this block meets samples s_lo..s_hi
         s_lo = (pid * BM) // T
@@ -91,7 +92,7 @@ def _lora_project_kernel(
     r_ok = rr < r
     mr_ok = m_ok[:, None] & r_ok[None, :]
     if ACC_DW or ACC_DR:
-        hb = tl.load(H + rm[:, None] * stride_hm + rr[None, :] * stride_hr, mask=mr_ok, other=0.0)
+        hb = tl.load(H + rows[:, None] * stride_hm + rr[None, :] * stride_hr, mask=mr_ok, other=0.0)
     if ACC_DW:
         lb = hb
         if HAS_QH:
@@ -101,7 +102,7 @@ def _lora_project_kernel(
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
-        xt = tl.load(X + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+        xt = tl.load(X + rows[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
             keep = dropout_keep(seed, offset, rm, rk, K, p)
@@ -141,7 +142,7 @@ def _lora_project_kernel(
         out = acc
         if HAS_Q:
             out = tl.dot(out, _load_rr(Q, stride_qa, stride_qb, r, R_PAD), input_precision=PREC)
-        tl.store(OUT + rm[:, None] * stride_om + rr[None, :] * stride_or, out * out_scale, mask=mr_ok)
+        tl.store(OUT + rows[:, None] * stride_om + rr[None, :] * stride_or, out * out_scale, mask=mr_ok)
 
 
 @triton.jit
@@ -162,11 +163,19 @@ def _lora_gemm_kernel(
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    # wrapped indices keep the main loop free of row/column masks; the store masks
-    rm_l = tl.max_contiguous(tl.multiple_of(rm % M, BM), BM)
-    rn_l = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
-    x_ptrs = X + rm_l[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = W + rk[:, None] * stride_wk + rn_l[None, :] * stride_wn
+    # Wrapped rows and columns keep the main loop free of row/column masks (the store masks).
+    # No contiguity or divisibility hint: in the last tile the wrap breaks the run, so such a
+    # promise would be false there (misaligned vector loads); the compiler derives the true
+    # contiguity of i % n itself (gcd of the run and n's divisibility). Index × stride passes
+    # 2³¹ on large batches, vocabularies and transposed views: every offset is int64 (set up
+    # once, outside the main loop).
+    rm_l = (rm % M).to(tl.int64)
+    rn_l = rn % N
+    rk_l = rk.to(tl.int64)
+    x_ptrs = X + rm_l[:, None] * stride_xm + rk_l[None, :] * stride_xk
+    w_ptrs = W + rk_l[:, None] * stride_wk + rn_l.to(tl.int64)[None, :] * stride_wn
+    x_step = stride_xk * tl.full((), BK, tl.int64)
+    w_step = stride_wk * tl.full((), BK, tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kt in range(0, tl.cdiv(K, BK)):
         k_left = K - kt * BK
@@ -176,8 +185,8 @@ def _lora_gemm_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-        x_ptrs += BK * stride_xk
-        w_ptrs += BK * stride_wk
+        x_ptrs += x_step
+        w_ptrs += w_step
 
     # rank-r epilogue: low = s · (H Q) U, in fp32
     rr = tl.arange(0, R_PAD)
@@ -195,7 +204,7 @@ def _lora_gemm_kernel(
         acc += tl.load(BIAS + rn_l).to(tl.float32)[None, :]
     if INTERP_BF16:
         acc = _rtne_bf16_bits(acc)
-    y_ptrs = Y + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
@@ -224,6 +233,11 @@ def interpreted() -> bool:
     """True when these kernels were defined under TRITON_INTERPRET=1."""
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(_lora_gemm_kernel, InterpretedFunction)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; block sizes follow the parallelism there is."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _r_pad(r: int) -> int:
@@ -263,7 +277,7 @@ def _project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_s
     if interpreted():
         bm, bk, warps, stages = 16, 32, 1, 1
     else:
-        sms = torch.cuda.get_device_properties(X.device).multi_processor_count
+        sms = sm_count(X.device)
         bm = 64 if triton.cdiv(M, 64) >= 2 * sms else (32 if triton.cdiv(M, 32) >= sms else 16)
         if per_sample:  # blocks that stay inside one sample need one dot each, not two
             bm = min(bm, max(16, rows_per_sample & -rows_per_sample))

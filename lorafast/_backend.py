@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import os
 import sys
+import warnings
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -23,15 +25,39 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _override: Optional[str] = None
 
 
+KERNEL_FAMILIES = ("lora_linear", "dp", "fedex", "split")
+
+
 def _prepare_interpreter() -> bool:
-    """On a machine without CUDA, Triton can only interpret, and it decides that when it is
-    first imported (its own standard library is jit-decorated then). So switch the
-    interpreter on before anything imports triton. Returns whether it is on."""
-    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+    """On a machine without CUDA, Triton can only interpret. It decides that when a function is
+    jit-decorated: its own standard library when triton is first imported, lorafast's kernels
+    when their modules are. So import triton and the kernels here with the interpreter on,
+    then keep it on for this process only (Triton's ``knobs.runtime.interpret``) and take
+    ``TRITON_INTERPRET`` back out of the environment: child processes (Ray or Flower
+    workers, subprocesses) may have a GPU and must not inherit it. A TRITON_INTERPRET set by
+    the user is theirs and stays; ``TRITON_INTERPRET=0`` keeps the interpreter off (the
+    compile check relies on that). Returns whether the interpreter is on."""
+    setting = os.environ.get("TRITON_INTERPRET", "")
+    if setting not in ("", "0"):
         return True
-    if "triton" in sys.modules or torch.cuda.is_available():
+    if setting == "0" or "triton" in sys.modules or torch.cuda.is_available():
+        return False
+    if importlib.util.find_spec("triton") is None:
         return False
     os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton
+        knobs = getattr(triton, "knobs", None)      # Triton >= 3.4
+        if knobs is not None:
+            knobs.runtime.interpret = True          # sets the environment too: removed below
+        for family in KERNEL_FAMILIES:              # older Triton reads only the environment
+            importlib.import_module(f"lorafast.kernels.{family}")
+    except Exception as e:   # a broken Triton install must not break `import lorafast`
+        warnings.warn(f"lorafast: the Triton interpreter could not be set up ({type(e).__name__}: {e}); "
+                      f"the Triton backend is unavailable on CPU tensors", RuntimeWarning, stacklevel=2)
+        return False
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
     return True
 
 

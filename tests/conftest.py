@@ -1,13 +1,17 @@
 """Shared fixtures: which (backend, device) pairs run here, tolerances, and comparisons.
 
 On a machine without CUDA, importing lorafast switches Triton to its interpreter,
-so backend="triton" runs the real kernels on CPU tensors at tiny sizes.
+so backend="triton" runs the real kernels on CPU tensors at tiny sizes. There every
+test runs under interpreter_checks: each compiler hint is checked against the values
+it promises about, and signed int32 index arithmetic must not wrap.
 """
 import pytest
 import torch
 
 import cuda_emu
+import interpreter_checks
 import lorafast
+from lorafast import _backend
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_EMULATED = ("cuda", "cpu")   # csrc/ kernels run on the CPU by tests/cuda_emu.py
@@ -63,6 +67,17 @@ def assert_close(name, got, ref64, baseline, dtype):
 @pytest.fixture(params=backend_devices(), ids=backend_ids)
 def backend_device(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _hardware_contract(request):
+    """Interpreted kernels keep their compiler hints true and their int32 indices in range
+    (``@pytest.mark.no_contract_checks`` opts a test out, for probes of the checks themselves)."""
+    if not _backend._INTERPRETER or request.node.get_closest_marker("no_contract_checks"):
+        yield
+        return
+    with interpreter_checks.checking():
+        yield
 
 
 @pytest.fixture(autouse=True)
