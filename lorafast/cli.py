@@ -121,9 +121,19 @@ def env(args: argparse.Namespace) -> int:
 
 
 def _load_suite(script: str):
-    spec = importlib.util.spec_from_file_location(f"lorafast_bench_{Path(script).stem}", BENCH_DIR / script)
+    """The suite's script as a module. It is registered in sys.modules before it runs, as an
+    import would do: dataclasses (and pickling) look a class's module up there."""
+    name = f"lorafast_bench_{Path(script).stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / script)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
