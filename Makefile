@@ -1,6 +1,9 @@
 # make check  — create .venv, install, validate every kernel on this machine (lorafast check)
 # make test   — create .venv, install, run the test suite
 # make demo   — create .venv, install, validate the kernels and train a LoRALinear
+# make compile-check [FULL=1] — compile every Triton kernel variant for sm_80/sm_90a without a GPU,
+#                     with the newest Triton and with the Tritons that CUDA torch pins
+# make binding-check — build the torch binding (csrc/) against the CUDA torch wheel's headers and libraries
 # On a GPU machine with torch already installed, set TORCH= to reuse it (system site-packages).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +11,17 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 NVCC   ?= nvcc
 
-.PHONY: check demo test bench cuda-check clean
+# Tritons pinned by CUDA builds of torch (2.11 → 3.6.0, 2.13 → 3.7.1), each in its own environment:
+# a pip --target directory that shadows the venv's newest Triton through PYTHONPATH
+TRITON_PINNED ?= 3.6.0 3.7.1
+COMPILE_ENVS  ?= build/triton-envs
+# without FULL=1: every flag combination on sm_90a with the newest Triton, one variant per kernel and
+# dtype elsewhere; FULL=1 compiles every variant everywhere (COMPILE_OUT=DIR keeps the tables)
+SWEEP_NEW     := $(if $(FULL),--arch sm_90a=full --arch sm_80=full,--arch sm_90a=flags --arch sm_80=one)
+SWEEP_PINNED  := $(if $(FULL),--arch sm_90a=full --arch sm_80=full,--arch sm_90a=one --arch sm_80=one)
+COMPILE_FLAGS := $(if $(COMPILE_OUT),--out $(COMPILE_OUT))
+
+.PHONY: check demo test bench cuda-check compile-check binding-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(if $(TORCH),,--system-site-packages) $(VENV)
@@ -38,6 +51,22 @@ cuda-check:
 	  echo "cuda-check: $$f"; \
 	  $(NVCC) -std=c++20 -c $$f -o /dev/null -gencode=arch=compute_80,code=sm_80 \
 	    -gencode=arch=compute_90a,code=sm_90a || exit 1; done
+
+compile-check: $(VENV)/.installed
+	$(VENV)/bin/lorafast check --compile $(SWEEP_NEW) $(COMPILE_FLAGS)
+	@for v in $(TRITON_PINNED); do \
+	  if [ ! -f $(COMPILE_ENVS)/triton-$$v/.installed ]; then \
+	    echo "compile-check: Triton $$v into $(COMPILE_ENVS)/triton-$$v"; \
+	    $(PY) -m pip install -q --no-deps --target $(COMPILE_ENVS)/triton-$$v "triton==$$v" && \
+	      touch $(COMPILE_ENVS)/triton-$$v/.installed || exit 1; fi; \
+	  PYTHONPATH=$(CURDIR)/$(COMPILE_ENVS)/triton-$$v $(VENV)/bin/lorafast check --compile \
+	    --require-triton $$v $(SWEEP_PINNED) $(COMPILE_FLAGS) || exit 1; done
+
+# the torch binding (csrc/bindings.cpp and the kernels) built with torch's own CUDAExtension flags
+# against the headers and libraries of torch's CUDA wheel, and linked with -z defs (needs nvcc)
+BINDING_TORCH ?= 2.13.0
+binding-check: $(VENV)/.installed
+	$(PY) csrc/checks/build_binding.py --torch $(BINDING_TORCH)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

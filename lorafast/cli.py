@@ -1,6 +1,7 @@
 """The ``lorafast`` command (also ``python -m lorafast``).
 
     lorafast check [--json PATH]          every op on every usable backend against float64
+    lorafast check --compile [--arch A]   every Triton kernel variant compiled for sm_80/sm_90a (no GPU)
     lorafast bench [SUITE ...] [--quick]  the GPU benchmark suites (bench/), CSVs and tables
     lorafast plot RESULTS.csv ...         speedup-vs-size charts (PNG), one per kernel
     lorafast env                          versions, the GPU, which backends work and why not
@@ -11,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -37,7 +39,23 @@ def _progress(done: int, total: int, row) -> None:
         print(file=sys.stderr)
 
 
+def compile_check(args: argparse.Namespace) -> int:
+    """The compile check in a child process with the interpreter off (``lorafast.compile_check``):
+    on a CPU-only machine this process's kernels are interpreted, and Triton's compiler needs
+    the real JIT functions."""
+    argv = [f"--arch={a}" for a in args.arch or []]
+    argv += [f"--jobs={args.jobs}"] if args.jobs else []
+    argv += [f"--out={args.out}"] if args.out else []
+    argv += [f"--require-triton={args.require_triton}"] if args.require_triton else []
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, "-m", "lorafast.compile_check", *argv], env=env).returncode
+
+
 def check(args: argparse.Namespace) -> int:
+    if args.compile:
+        return compile_check(args)
+    if args.arch or args.jobs or args.out or args.require_triton:
+        raise ValueError("--arch, --jobs, --out and --require-triton belong to `lorafast check --compile`")
     from . import validate
     t0 = time.perf_counter()
     rows = validate.run_checks(None if args.json == "-" else _progress)
@@ -182,6 +200,15 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate every kernel on this machine against float64")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH ('-': JSON only, to stdout)")
+    p.add_argument("--compile", action="store_true",
+                   help="instead, compile every Triton kernel variant for real GPU targets with Triton's own "
+                        "compiler (no GPU needed) and report registers, spills and shared memory")
+    p.add_argument("--arch", action="append", metavar="ARCH[=SWEEP]",
+                   help="with --compile: sm_80 or sm_90a, each with a sweep (full, flags or one); repeatable")
+    p.add_argument("--jobs", type=int, help="with --compile: parallel compiles (default: CPU count)")
+    p.add_argument("--out", metavar="DIR", help="with --compile: write the table (CSV and Markdown) here")
+    p.add_argument("--require-triton", metavar="VERSION",
+                   help="with --compile: fail unless this Triton version is the one imported")
     p.set_defaults(func=check)
     p = sub.add_parser("bench", help="run the benchmark suites (GPU; quick CPU smoke sizes without one)")
     p.add_argument("suites", nargs="*", default=["all"], choices=[*SUITES, "all"], metavar="SUITE",
