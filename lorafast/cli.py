@@ -39,23 +39,15 @@ def _progress(done: int, total: int, row) -> None:
         print(file=sys.stderr)
 
 
-def compile_check(args: argparse.Namespace) -> int:
-    """The compile check in a child process with the interpreter off (``lorafast.compile_check``):
-    on a CPU-only machine this process's kernels are interpreted, and Triton's compiler needs
-    the real JIT functions."""
-    argv = [f"--arch={a}" for a in args.arch or []]
-    argv += [f"--jobs={args.jobs}"] if args.jobs else []
-    argv += [f"--out={args.out}"] if args.out else []
-    argv += [f"--require-triton={args.require_triton}"] if args.require_triton else []
+def compile_check(argv: list[str]) -> int:
+    """``lorafast check --compile [options]``: lorafast.compile_check in a child process with the
+    interpreter off. On a CPU-only machine this process's kernels are interpreted, and Triton's
+    compiler needs the real JIT functions. The options are compile_check's own (--help)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     return subprocess.run([sys.executable, "-m", "lorafast.compile_check", *argv], env=env).returncode
 
 
 def check(args: argparse.Namespace) -> int:
-    if args.compile:
-        return compile_check(args)
-    if args.arch or args.jobs or args.out or args.require_triton:
-        raise ValueError("--arch, --jobs, --out and --require-triton belong to `lorafast check --compile`")
     from . import validate
     t0 = time.perf_counter()
     rows = validate.run_checks(None if args.json == "-" else _progress)
@@ -201,14 +193,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate every kernel on this machine against float64")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH ('-': JSON only, to stdout)")
     p.add_argument("--compile", action="store_true",
-                   help="instead, compile every Triton kernel variant for real GPU targets with Triton's own "
-                        "compiler (no GPU needed) and report registers, spills and shared memory")
-    p.add_argument("--arch", action="append", metavar="ARCH[=SWEEP]",
-                   help="with --compile: sm_80 or sm_90a, each with a sweep (full, flags or one); repeatable")
-    p.add_argument("--jobs", type=int, help="with --compile: parallel compiles (default: CPU count)")
-    p.add_argument("--out", metavar="DIR", help="with --compile: write the table (CSV and Markdown) here")
-    p.add_argument("--require-triton", metavar="VERSION",
-                   help="with --compile: fail unless this Triton version is the one imported")
+                   help="instead, compile every Triton kernel variant for sm_80 and sm_90a with Triton's own "
+                        "compiler (no GPU needed) and report registers, spills and shared memory; its options: "
+                        "`lorafast check --compile --help`")
     p.set_defaults(func=check)
     p = sub.add_parser("bench", help="run the benchmark suites (GPU; quick CPU smoke sizes without one)")
     p.add_argument("suites", nargs="*", default=["all"], choices=[*SUITES, "all"], metavar="SUITE",
@@ -227,6 +214,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"] and "--compile" in argv:
+        return compile_check([a for a in argv[1:] if a != "--compile"])
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -460,6 +460,30 @@ def format_summary(rows: list[Row], triton_version: str) -> str:
     return "\n".join(lines)
 
 
+def format_configs(rows: list[Row]) -> str:
+    """The autotuned kernels per config: shared memory, registers and spills at their worst."""
+    head = ("arch", "kernel", "config", "variants", "max smem B", "max regs", "spilling", "max spill B")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    tuned = [r for r in rows if not r.error and r.kernel.rsplit(".", 1)[-1] in TUNED]
+    strip = re.compile(r"R_PAD=\d+ ")
+    key = lambda r: (r.arch, r.kernel, strip.sub("", r.config))   # noqa: E731
+    for (arch, kernel, config), group in itertools.groupby(sorted(tuned, key=key), key=key):
+        group = list(group)
+        lines.append(" | ".join(str(v) for v in (
+            arch, kernel, config, len(group), max(r.shared_bytes for r in group), max(r.registers for r in group),
+            sum(1 for r in group if r.spill_stores or r.spill_loads), max(r.spill_stores for r in group))))
+    return "\n".join(lines)
+
+
+def _commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def write(rows: list[Row], out_dir: Path, triton_version: str, tag: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"compile_triton{triton_version}_{tag}.csv"
@@ -469,9 +493,13 @@ def write(rows: list[Row], out_dir: Path, triton_version: str, tag: str) -> list
         for r in rows:
             w.writerow(dataclasses.asdict(r))
     md_path = out_dir / f"compile_triton{triton_version}_{tag}.md"
-    md_path.write_text(f"# Compile check: Triton {triton_version} ({tag})\n\n"
-                       f"`lorafast check --compile`, ptxas -v of every variant; {len(rows)} compiles.\n\n"
-                       + "\n".join(format_summary(rows, triton_version).splitlines()[1:]) + "\n")
+    md_path.write_text(
+        f"# Compile check: Triton {triton_version} ({tag})\n\n"
+        f"`lorafast check --compile` at commit {_commit()}, {time.strftime('%Y-%m-%d')}: {len(rows)} compiles "
+        f"with Triton's compiler and its ptxas -v, no GPU. Shared memory is Triton's allocation per block; "
+        f"the limits are {SMEM_LIMIT['sm_80']} B (A100) and {SMEM_LIMIT['sm_90a']} B (H100/H200).\n\n"
+        f"## Per kernel\n\n" + "\n".join(format_summary(rows, triton_version).splitlines()[1:])
+        + "\n\n## Autotune configs\n\n" + format_configs(rows) + "\n")
     return [csv_path, md_path]
 
 
@@ -485,7 +513,9 @@ def _progress(done: int, total: int, row: Row) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lorafast check --compile", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="lorafast check --compile", description=__doc__.split("\n\n")[0],
+                                 epilog="`make compile-check` runs it with the newest Triton and with the Tritons "
+                                        "pinned by CUDA torch; FULL=1 for every variant everywhere")
     ap.add_argument("--arch", action="append", metavar="ARCH[=SWEEP]",
                     help=f"a target ({', '.join(ARCHS)}) and its sweep ({', '.join(SWEEPS)}: every variant; every "
                          f"flag combination and GEMM config; one per kernel and dtype); repeatable; default: "
