@@ -88,7 +88,25 @@ class Launch:
                     if hasattr(a, "dtype")]
         units = [f"{n}=1" for n, a in zip(self.fn.arg_names, self.args)
                  if n.startswith("stride") and type(a) is int and a == 1]
-        return " ".join(flags + pointers + units), " ".join(config)
+        return compact_flags(flags + pointers + units), " ".join(config)
+
+
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
+
+
+def compact_flags(tokens: list[str]) -> str:
+    """``FLAG ... NAME:dtype ... stride_x=1 ...`` as ``FLAG ... fp32[A,B] bf16[X] unit[stride_x]``."""
+    flags, by_dtype, units = [], {}, []
+    for t in tokens:
+        if ":" in t:
+            name, dtype = t.split(":", 1)
+            by_dtype.setdefault(_SHORT.get(dtype, dtype), []).append(name)
+        elif t.startswith("stride") and t.endswith("=1"):
+            units.append(t[:-2].removeprefix("stride_"))
+        else:
+            flags.append(t)
+    parts = flags + [f"{d}[{','.join(names)}]" for d, names in by_dtype.items()]
+    return " ".join(parts + ([f"unit-stride[{','.join(units)}]"] if units else []))
 
 
 @dataclasses.dataclass
@@ -108,6 +126,12 @@ class Row:
     notes: str = ""
     seconds: float = 0.0
     error: str = ""
+
+
+# the committed table's columns (the public case, Triton version and timing stay out: the flags say
+# which case, the file name which Triton)
+CSV_FIELDS = ["arch", "kernel", "dtype", "config", "flags", "registers", "stack_bytes", "spill_stores",
+              "spill_loads", "shared_bytes", "notes", "error"]
 
 
 # ------------------------------------------------------------------ enumeration
@@ -461,17 +485,19 @@ def format_summary(rows: list[Row], triton_version: str) -> str:
 
 
 def format_configs(rows: list[Row]) -> str:
-    """The autotuned kernels per config: shared memory, registers and spills at their worst."""
-    head = ("arch", "kernel", "config", "variants", "max smem B", "max regs", "spilling", "max spill B")
+    """The autotuned kernels per dtype and config: shared memory, registers and spills at their
+    worst over the flag combinations and ranks."""
+    head = ("arch", "kernel", "dtype", "config", "variants", "max smem B", "max regs", "spilling", "max spill B")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     tuned = [r for r in rows if not r.error and r.kernel.rsplit(".", 1)[-1] in TUNED]
     strip = re.compile(r"R_PAD=\d+ ")
-    key = lambda r: (r.arch, r.kernel, strip.sub("", r.config))   # noqa: E731
-    for (arch, kernel, config), group in itertools.groupby(sorted(tuned, key=key), key=key):
+    key = lambda r: (r.arch, r.kernel, r.dtype, strip.sub("", r.config))   # noqa: E731
+    for (arch, kernel, dtype, config), group in itertools.groupby(sorted(tuned, key=key), key=key):
         group = list(group)
         lines.append(" | ".join(str(v) for v in (
-            arch, kernel, config, len(group), max(r.shared_bytes for r in group), max(r.registers for r in group),
-            sum(1 for r in group if r.spill_stores or r.spill_loads), max(r.spill_stores for r in group))))
+            arch, kernel, dtype, config, len(group), max(r.shared_bytes for r in group),
+            max(r.registers for r in group), sum(1 for r in group if r.spill_stores or r.spill_loads),
+            max(r.spill_stores for r in group))))
     return "\n".join(lines)
 
 
@@ -484,18 +510,18 @@ def _commit() -> str:
         return "unknown"
 
 
-def write(rows: list[Row], out_dir: Path, triton_version: str, tag: str) -> list[Path]:
+def write(rows: list[Row], out_dir: Path, triton_version: str, tag: str, commit: Optional[str] = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"compile_triton{triton_version}_{tag}.csv"
     with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Row)])
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(dataclasses.asdict(r))
     md_path = out_dir / f"compile_triton{triton_version}_{tag}.md"
     md_path.write_text(
         f"# Compile check: Triton {triton_version} ({tag})\n\n"
-        f"`lorafast check --compile` at commit {_commit()}, {time.strftime('%Y-%m-%d')}: {len(rows)} compiles "
+        f"`lorafast check --compile` at commit {commit or _commit()}, {time.strftime('%Y-%m-%d')}: {len(rows)} compiles "
         f"with Triton's compiler and its ptxas -v, no GPU. Shared memory is Triton's allocation per block; "
         f"the limits are {SMEM_LIMIT['sm_80']} B (A100) and {SMEM_LIMIT['sm_90a']} B (H100/H200).\n\n"
         f"## Per kernel\n\n" + "\n".join(format_summary(rows, triton_version).splitlines()[1:])
