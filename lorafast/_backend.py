@@ -25,9 +25,6 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _override: Optional[str] = None
 
 
-KERNEL_FAMILIES = ("lora_linear", "dp", "fedex", "split")
-
-
 def _prepare_interpreter() -> bool:
     """On a machine without CUDA, Triton can only interpret. It decides that when a function is
     jit-decorated: its own standard library when triton is first imported, lorafast's kernels
@@ -50,8 +47,10 @@ def _prepare_interpreter() -> bool:
         knobs = getattr(triton, "knobs", None)      # Triton >= 3.4
         if knobs is not None:
             knobs.runtime.interpret = True          # sets the environment too: removed below
-        for family in KERNEL_FAMILIES:              # older Triton reads only the environment
-            importlib.import_module(f"lorafast.kernels.{family}")
+        import pkgutil
+        from . import kernels                       # older Triton reads only the environment:
+        for module in pkgutil.iter_modules(kernels.__path__):   # decorate every kernel module now
+            importlib.import_module(f"lorafast.kernels.{module.name}")
     except Exception as e:   # a broken Triton install must not break `import lorafast`
         warnings.warn(f"lorafast: the Triton interpreter could not be set up ({type(e).__name__}: {e}); "
                       f"the Triton backend is unavailable on CPU tensors", RuntimeWarning, stacklevel=2)
