@@ -8,9 +8,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <deque>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "launchers.h"
@@ -42,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> privatize(const at::Tensor& h, double clip_no
   TORCH_CHECK(cols <= int64_t(65535) * 2048, "lorafast_cuda::privatize: rows of ", cols,
               " elements are longer than the kernel's grid covers (134M)");
   at::Tensor y = at::empty_like(x);
-  at::Tensor sq = at::zeros({rows}, x.options().dtype(at::kFloat));
+  at::Tensor sq = at::empty({rows}, x.options().dtype(at::kFloat));   // zeroed by the launcher
   const cudaError_t err = lorafast::launch_privatize(
       x.data_ptr(), y.data_ptr(), sq.data_ptr<float>(), rows, cols, dtype_of(x), mode == "element" ? 1 : 0,
       static_cast<float>(clip_norm), static_cast<float>(noise_std), static_cast<uint64_t>(seed),
@@ -60,13 +64,74 @@ void check_grad_sample(const at::Tensor& g, const std::vector<int64_t>& segments
               "lorafast_cuda::", op, ": segments must run from 0 to D = ", g.size(1));
 }
 
-// (start, stop, parameter) rows of at most kChunkWidth columns, each inside one parameter.
+// Small device tables derived from op arguments (the DP chunk table, the per-parameter clip
+// bounds), built once per (contents, device) and kept: a warm DP step then makes no host→device
+// copy. Bounded: past kMaxEntries the oldest entry goes (a model has a handful of layouts). A
+// table handed out is recorded on the caller's stream, so that dropping it later cannot free its
+// memory under a kernel of another stream that still reads it.
+template <typename Key>
+class DeviceTables {
+ public:
+  template <typename Make>
+  at::Tensor get(const Key& key, Make&& make) {
+    at::Tensor t;
+    {
+      const std::lock_guard<std::mutex> lock(mu_);
+      auto it = tables_.find(key);
+      if (it == tables_.end()) {
+        if (order_.size() >= kMaxEntries) {
+          tables_.erase(order_.front());
+          order_.pop_front();
+        }
+        it = tables_.emplace(key, make()).first;
+        order_.push_back(key);
+      }
+      t = it->second;
+    }
+    t.record_stream(at::cuda::getCurrentCUDAStream());
+    return t;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 64;
+  std::mutex mu_;
+  std::map<Key, at::Tensor> tables_;
+  std::deque<Key> order_;
+};
+
+// never destroyed: the tables would otherwise be freed after CUDA's own teardown at exit
+using ChunkKey = std::tuple<std::vector<int64_t>, int64_t, c10::DeviceIndex>;
+using BoundKey = std::pair<std::vector<double>, c10::DeviceIndex>;
+DeviceTables<ChunkKey>& chunk_tables() {
+  static auto* tables = new DeviceTables<ChunkKey>();
+  return *tables;
+}
+DeviceTables<BoundKey>& bound_tables() {
+  static auto* tables = new DeviceTables<BoundKey>();
+  return *tables;
+}
+
+// (start, stop, parameter) rows of at most kChunkWidth columns, each inside one parameter. A
+// chunk that starts inside a parameter starts at a multiple of 4, so that no chunk touches more
+// than kChunkWidth/4 of the Philox four-column groups that clip_reduce_noise's threads own.
 at::Tensor chunk_table(const std::vector<int64_t>& segments, const at::Device& device) {
-  std::vector<int64_t> rows;
-  for (size_t p = 0; p + 1 < segments.size(); ++p)
-    for (int64_t a = segments[p]; a < segments[p + 1]; a += kChunkWidth)
-      rows.insert(rows.end(), {a, std::min(a + kChunkWidth, segments[p + 1]), static_cast<int64_t>(p)});
-  return at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(device);
+  return chunk_tables().get(ChunkKey{segments, kChunkWidth, device.index()}, [&] {
+    std::vector<int64_t> rows;
+    for (size_t p = 0; p + 1 < segments.size(); ++p)
+      for (int64_t a = segments[p], b; a < segments[p + 1]; a = b) {
+        b = std::min((a & ~int64_t(3)) + kChunkWidth, segments[p + 1]);
+        rows.insert(rows.end(), {a, b, static_cast<int64_t>(p)});
+      }
+    return at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(device);
+  });
+}
+
+// The per-parameter clip bounds (P,) as fp32 on `device` (rounded from double, as ATen would).
+// A NaN bound is not cached: it would break the map's ordering.
+at::Tensor bound_table(const std::vector<double>& max_norms, const at::Device& device) {
+  auto make = [&] { return at::tensor(max_norms, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat).to(device); };
+  if (std::any_of(max_norms.begin(), max_norms.end(), [](double v) { return v != v; })) return make();
+  return bound_tables().get(BoundKey{max_norms, device.index()}, make);
 }
 
 at::Tensor grad_sample_norms(const at::Tensor& grad_sample, std::vector<int64_t> segments) {
@@ -97,8 +162,7 @@ at::Tensor clip_reduce_noise(const at::Tensor& grad_sample, const at::Tensor& sq
   const at::Tensor total = sq.sum(1, /*keepdim=*/true);
   at::Tensor coef;
   if (per_layer) {
-    const at::Tensor bound = at::tensor(max_norms, sq.options().dtype(at::kDouble)).to(at::kFloat).to(sq.device());
-    coef = at::clamp_max(bound / sq.sqrt(), 1.0);
+    coef = at::clamp_max(bound_table(max_norms, sq.device()) / sq.sqrt(), 1.0);
   } else {
     coef = at::clamp_max(max_norms[0] / total.sqrt(), 1.0);
   }

@@ -1,8 +1,9 @@
 // lorafast::privatize on CUDA: clip the smashed activations and add Philox Gaussian noise.
 // Same plan as kernels/split.py: one block per (row, chunk); a row that fits one block is
 // normed in the block (one launch), a longer row takes a norm launch first. The op is
-// memory-bound (read x, write y; the noise is made in registers), so each thread handles
-// a few consecutive elements and the grid has rows on axis x (B·T can pass 65535).
+// memory-bound (read x, write y; the noise is made in registers): each thread handles groups
+// of four consecutive elements of a row, one Philox call (four normals) and one vector load
+// and store per group, and the grid has rows on axis x (B·T can pass 65535).
 #include "dtypes.cuh"
 #include "launchers.h"
 #include "privatize_math.cuh"
@@ -11,8 +12,8 @@ namespace lorafast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kPerThread = 8;
-constexpr int64_t kChunk = kThreads * kPerThread;   // elements per block along a row
+constexpr int kGroups = 2;                            // groups of four columns per thread
+constexpr int64_t kChunk = kThreads * 4 * kGroups;    // elements per block along a row, a multiple of 4
 
 // Sum over the block; every thread gets the total.
 __device__ float block_sum(float v) {
@@ -52,15 +53,18 @@ __global__ void __launch_bounds__(kThreads) privatize_kernel(const T* __restrict
                                                              bool one_pass, float clip, float noise_std,
                                                              uint64_t seed, uint64_t offset) {
   const int64_t row = blockIdx.x;
-  const int64_t start = row * cols + blockIdx.y * kChunk;
-  const int64_t stop = min(kChunk, cols - static_cast<int64_t>(blockIdx.y) * kChunk);
-  float v[kPerThread];
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kChunk;   // a multiple of 4: calls start here
+  const int64_t start = row * cols + col0;
+  const int64_t stop = min(kChunk, cols - col0);
+  // group q = threadIdx.x + h·kThreads holds columns 4q..4q+3 of the chunk (lanes: consecutive groups)
+  float v[kGroups][4];
   float acc = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(k) * kThreads;
-    v[k] = j < stop ? to_float(x[start + j]) : 0.0f;
-    acc += v[k] * v[k];
+  for (int h = 0; h < kGroups; ++h) {
+    const int64_t j = 4 * (threadIdx.x + static_cast<int64_t>(h) * kThreads);
+    load4(x + start + j, 1, 0, count4(stop - j), v[h]);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) acc += v[h][w] * v[h][w];
   }
   float factor = 1.0f;
   if (!element) {
@@ -73,12 +77,14 @@ __global__ void __launch_bounds__(kThreads) privatize_kernel(const T* __restrict
     }
   }
 #pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(k) * kThreads;
-    if (j < stop) {
-      const uint64_t idx = static_cast<uint64_t>(start + j);
-      y[start + j] = from_float<T>(privatize_value(v[k], element, factor, clip, noise_std, seed, offset + idx));
-    }
+  for (int h = 0; h < kGroups; ++h) {
+    const int64_t j = 4 * (threadIdx.x + static_cast<int64_t>(h) * kThreads);
+    if (j >= stop) continue;
+    const Float4 noise = privatize_noise4(noise_std, seed, offset, row, col0 + j, cols);
+    float out[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) out[w] = privatize_value(v[h][w], element, factor, clip, noise.v[w]);
+    store4(y + start + j, count4(stop - j), out);
   }
 }
 

@@ -9,8 +9,8 @@ launch covers every parameter:
 ``_clip_reduce_kernel``   out[j] = (acc[j] + Σᵢ cᵢ G[i, j] + std · ξ_j) · scale
                           cᵢ = min(1, C/‖gᵢ‖), or min(1, C_p/‖gᵢ,p‖) per parameter, and 0
                           for a sample whose total squared norm is inf or nan (its gradient
-                          is not finite); ξ is Philox normal noise from (seed, offset + j) or
-                          a given fp32 tensor.      (grid: chunks; a loop over samples)
+                          is not finite); ξ is the Philox normals of the (1, D) vector from
+                          (seed, offset), four per call, or a given fp32 tensor.      (grid: chunks; a loop over samples)
 
 Bytes: the norm pass reads G once (4·N·D), the step reads it once more and writes D
 floats. For adapters, D = r·(in + out) per layer, T/r times smaller than the
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .random import philox_normal
+from .random import normals
 
 
 @triton.jit
@@ -35,8 +35,8 @@ def _sq_norm_kernel(G, stride_gn, CHUNKS, S, stride_sn, BD: tl.constexpr):
     start = tl.load(CHUNKS + 3 * c)
     stop = tl.load(CHUNKS + 3 * c + 1)
     seg = tl.load(CHUNKS + 3 * c + 2)
-    cols = start + tl.arange(0, BD)
-    g = tl.load(G + i.to(tl.int64) * stride_gn + cols, mask=cols < stop, other=0.0)
+    cols = (start - start % 4) + tl.arange(0, BD)
+    g = tl.load(G + i.to(tl.int64) * stride_gn + cols, mask=(cols >= start) & (cols < stop), other=0.0)
     tl.atomic_add(S + i.to(tl.int64) * stride_sn + seg, tl.sum(g * g, axis=0))
 
 
@@ -49,8 +49,9 @@ def _clip_reduce_kernel(G, stride_gn, TOTAL, S, stride_sn, CHUNKS, BOUNDS, ACC, 
     start = tl.load(CHUNKS + 3 * c)
     stop = tl.load(CHUNKS + 3 * c + 1)
     seg = tl.load(CHUNKS + 3 * c + 2)
-    cols = start + tl.arange(0, BD)
-    c_ok = cols < stop
+    base = start - start % 4       # the tile starts on a Philox call: four noise values each
+    cols = base + tl.arange(0, BD)
+    c_ok = (cols >= start) & (cols < stop)
     bound = tl.load(BOUNDS + seg)
     acc = tl.zeros((BD,), dtype=tl.float32)
     for n0 in range(0, n_samples, BN):
@@ -72,7 +73,7 @@ def _clip_reduce_kernel(G, stride_gn, TOTAL, S, stride_sn, CHUNKS, BOUNDS, ACC, 
     if HAS_ACC:
         acc += tl.load(ACC + cols, mask=c_ok, other=0.0)
     if NOISE_MODE == 1:
-        acc += noise_std * philox_normal(seed, offset + cols.to(tl.int64))
+        acc += noise_std * normals(seed, offset + base // 4 + tl.arange(0, BD // 4).to(tl.int64))
     if NOISE_MODE == 2:
         acc += noise_std * tl.load(NOISE + cols, mask=c_ok, other=0.0)
     tl.store(OUT + cols, acc * out_scale, mask=c_ok)
@@ -85,18 +86,33 @@ def _clip_reduce_kernel(G, stride_gn, TOTAL, S, stride_sn, CHUNKS, BOUNDS, ACC, 
 _CHUNK_CACHE: dict = {}
 
 
-def _chunks(segments: tuple[int, ...], bd: int, device) -> torch.Tensor:
-    """int64 rows (start, stop, segment) of ≤ bd columns, each inside one segment."""
-    key = (segments, bd, str(device))
+def _cached(key, make):
+    """A small device tensor built once per key: a step then makes no host→device copy."""
     table = _CHUNK_CACHE.get(key)
     if table is None:
-        rows = [(a, min(a + bd, stop), p) for p, (start, stop) in enumerate(zip(segments[:-1], segments[1:]))
-                for a in range(start, stop, bd)]
-        table = torch.tensor(rows, dtype=torch.int64, device=device).flatten()
         if len(_CHUNK_CACHE) > 64:
             _CHUNK_CACHE.clear()
-        _CHUNK_CACHE[key] = table
+        table = _CHUNK_CACHE[key] = make()
     return table
+
+
+def chunk_rows(segments: tuple[int, ...], bd: int) -> list[tuple[int, int, int]]:
+    """(start, stop, segment) column chunks, each inside one segment and within the bd-wide
+    tile that starts at start rounded down to a multiple of 4 (a Philox call's first column)."""
+    rows = []
+    for p, (start, stop) in enumerate(zip(segments[:-1], segments[1:])):
+        a = start
+        while a < stop:
+            b = min(a - a % 4 + bd, stop)
+            rows.append((a, b, p))
+            a = b
+    return rows
+
+
+def _chunks(segments: tuple[int, ...], bd: int, device) -> torch.Tensor:
+    """The chunk table as int64 (start, stop, segment) rows on ``device``."""
+    return _cached(("chunks", segments, bd, str(device)), lambda: torch.tensor(
+        chunk_rows(segments, bd), dtype=torch.int64, device=device).flatten())
 
 
 def _block_d(interp: bool) -> int:
@@ -133,8 +149,9 @@ def clip_reduce_noise(grad_sample: torch.Tensor, sq_norms: torch.Tensor, segment
     bd = _block_d(interp)
     table = _chunks(tuple(segments), bd, grad_sample.device)
     n_chunks = table.numel() // 3
-    bounds = torch.tensor(max_norms if per_layer else max_norms[:1] * p, dtype=torch.float32,
-                          device=grad_sample.device)
+    per_segment = tuple(float(v) for v in (max_norms if per_layer else max_norms[:1] * p))
+    bounds = _cached(("bounds", per_segment, str(grad_sample.device)), lambda: torch.tensor(
+        per_segment, dtype=torch.float32, device=grad_sample.device))
     noise_mode = 0 if noise_std == 0.0 else (2 if noise is not None else 1)
     total = sq_norms.sum(1)
     _clip_reduce_kernel[(n_chunks,)](

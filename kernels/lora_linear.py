@@ -7,19 +7,24 @@ Two kernels serve forward and backward (variants are flags, not copies):
     dW  += drop(X)ᵀ · s_l (H Qh)         fused rank-r weight gradient (atomics)
     dR  += s_out · (X P)ᵀ H              fused r×r gradient (atomics)
     db  += Σ_m X                         fused bias gradient (atomics)
-``_lora_gemm_kernel``     Y = X Wop + (s · (H Q) U) ⊙ m/(1-p) + b
-    a tiled GEMM whose epilogue adds the rank-r term before the single write.
+``_lora_gemm_kernel``     Y = X Wop + (s · H U) ⊙ m/(1-p) + b
+    a tiled GEMM whose epilogue adds the rank-r term before the single write; with
+    BASE_IN_Y, X Wop is already in Y (cuBLAS) and the kernel is one pass adding the rest.
 
 Forward:   h = drop(x) Aᵀ                           (project over x)
-           y = x Wᵀ + s (h Rᵀ) Bᵀ + b               (gemm)
+           y = x Wᵀ + s (h Rᵀ) Bᵀ + b               (v = h Rᵀ, then gemm)
 Backward:  g = G B;  Lg = s g R;  dB = s Gᵀ(h Rᵀ);  dR = s gᵀ h;  db = Σ G
                                                     (one project pass over G)
            dA = Lgᵀ drop(x)                         (project over x, dW only)
            dx = G W + (Lg A) ⊙ m/(1-p)              (gemm)
+Two plans: fully fused (the GEMMs above), and ``HYBRID``, where torch.mm (cuBLAS) forms
+x Wᵀ and G W and the gemm kernel only adds the rank-r term and the bias in place.
 Work for gradients that are not needed is skipped by flags.
 """
 from __future__ import annotations
 
+import functools
+import types
 from typing import Optional
 
 import torch
@@ -73,11 +78,12 @@ def _lora_project_kernel(
     DW, stride_dws, stride_dwk, stride_dwr,
     DR, stride_drs, stride_dra, stride_drb,
     DBIAS,
-    M, K, r, out_scale, l_scale, dr_scale, seed, offset, p, inv_keep, T,
+    M, K, r, out_scale, l_scale, dr_scale, seed, offset, p, inv_keep, T, K_TILES,
     R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     HAS_P: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_Q: tl.constexpr,
     DROPOUT: tl.constexpr, ACC_DW: tl.constexpr, HAS_QH: tl.constexpr,
-    ACC_DR: tl.constexpr, ACC_DBIAS: tl.constexpr, PER_SAMPLE: tl.constexpr, PREC: tl.constexpr,
+    ACC_DR: tl.constexpr, ACC_DBIAS: tl.constexpr, PER_SAMPLE: tl.constexpr, SPLIT_K: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
@@ -98,14 +104,21 @@ def _lora_project_kernel(
         if HAS_QH:
             lb = tl.dot(lb, _load_rr(QH, stride_qha, stride_qhb, r, R_PAD), input_precision=PREC)
         lb = lb * l_scale
+    # Split K: program (i, j) takes K tiles [j·K_TILES, (j+1)·K_TILES) of row block i, so that
+    # short activations still fill the GPU (OUT is then summed with atomics). Within its range
+    # each program starts at a different tile: neighbouring blocks then add into different rows
+    # of dW at any moment instead of queueing on the same addresses.
+    kt_lo = tl.program_id(1) * K_TILES
+    n_kt = tl.minimum(tl.cdiv(K, BK) - kt_lo, K_TILES)
     acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for t in range(0, n_kt):
+        k0 = (kt_lo + (t + pid) % n_kt) * BK
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
         xt = tl.load(X + rows[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = dropout_keep(seed, offset, rm, rk, K, p)
+            keep = dropout_keep(seed, offset, rm, k0, K, p, BK)
             xt = tl.where(keep, xt * inv_keep, 0.0)
         if HAS_P:
             pt = tl.load(P + rk[:, None] * stride_pk + rr[None, :] * stride_pr,
@@ -120,12 +133,13 @@ def _lora_project_kernel(
                     own = (row_sample == smp)[:, None]
                     part = tl.dot(tl.trans(tl.where(own, xt, 0.0)), tl.where(own, lb, 0.0),
                                   input_precision=PREC)
-                    tl.atomic_add(dw_ptrs + tl.cast(smp, tl.int64) * stride_dws, part, mask=dw_ok)
+                    tl.atomic_add(dw_ptrs + tl.cast(smp, tl.int64) * stride_dws, part, mask=dw_ok,
+                                  sem="relaxed")
             else:
                 part = tl.dot(tl.trans(xt), lb, input_precision=PREC)
-                tl.atomic_add(dw_ptrs, part, mask=dw_ok)
+                tl.atomic_add(dw_ptrs, part, mask=dw_ok, sem="relaxed")
         if ACC_DBIAS:
-            tl.atomic_add(DBIAS + rk, tl.sum(xt, axis=0), mask=k_ok)
+            tl.atomic_add(DBIAS + rk, tl.sum(xt, axis=0), mask=k_ok, sem="relaxed")
     if ACC_DR:
         dr_ptrs = DR + rr[:, None] * stride_dra + rr[None, :] * stride_drb
         dr_ok = r_ok[:, None] & r_ok[None, :]
@@ -134,15 +148,19 @@ def _lora_project_kernel(
                 own = (row_sample == smp)[:, None]
                 part = tl.dot(tl.trans(tl.where(own, acc, 0.0)), tl.where(own, hb, 0.0),
                               input_precision=PREC) * dr_scale
-                tl.atomic_add(dr_ptrs + tl.cast(smp, tl.int64) * stride_drs, part, mask=dr_ok)
+                tl.atomic_add(dr_ptrs + tl.cast(smp, tl.int64) * stride_drs, part, mask=dr_ok, sem="relaxed")
         else:
             part = tl.dot(tl.trans(acc), hb, input_precision=PREC) * dr_scale
-            tl.atomic_add(dr_ptrs, part, mask=dr_ok)
+            tl.atomic_add(dr_ptrs, part, mask=dr_ok, sem="relaxed")
     if WRITE_OUT:
         out = acc
         if HAS_Q:
             out = tl.dot(out, _load_rr(Q, stride_qa, stride_qb, r, R_PAD), input_precision=PREC)
-        tl.store(OUT + rows[:, None] * stride_om + rr[None, :] * stride_or, out * out_scale, mask=mr_ok)
+        out_ptrs = OUT + rows[:, None] * stride_om + rr[None, :] * stride_or
+        if SPLIT_K:
+            tl.atomic_add(out_ptrs, out * out_scale, mask=mr_ok, sem="relaxed")
+        else:
+            tl.store(out_ptrs, out * out_scale, mask=mr_ok)
 
 
 @triton.jit
@@ -150,19 +168,17 @@ def _lora_gemm_kernel(
     X, stride_xm, stride_xk,
     W, stride_wk, stride_wn,
     H, stride_hm, stride_hr,
-    Q, stride_qa, stride_qb,
     U, stride_ur, stride_un,
     BIAS, Y, stride_ym, stride_yn,
     M, N, K, r, scale, seed, offset, p, inv_keep, M_BUCKET,
-    R_PAD: tl.constexpr, HAS_Q: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr,
+    R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BASE_IN_Y: tl.constexpr, INTERP_BF16: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
     # Wrapped rows and columns keep the main loop free of row/column masks (the store masks).
     # No contiguity or divisibility hint: in the last tile the wrap breaks the run, so such a
     # promise would be false there (misaligned vector loads); the compiler derives the true
@@ -171,35 +187,46 @@ def _lora_gemm_kernel(
     # once, outside the main loop).
     rm_l = (rm % M).to(tl.int64)
     rn_l = rn % N
-    rk_l = rk.to(tl.int64)
-    x_ptrs = X + rm_l[:, None] * stride_xm + rk_l[None, :] * stride_xk
-    w_ptrs = W + rk_l[:, None] * stride_wk + rn_l.to(tl.int64)[None, :] * stride_wn
-    x_step = stride_xk * tl.full((), BK, tl.int64)
-    w_step = stride_wk * tl.full((), BK, tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BK)):
-        k_left = K - kt * BK
-        a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
-        b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        if INTERP_BF16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        x_ptrs += x_step
-        w_ptrs += w_step
+    if BASE_IN_Y:
+        # the rank-r update of a base product that cuBLAS already wrote into Y
+        acc = tl.load(Y + rm_l[:, None] * stride_ym + rn_l.to(tl.int64)[None, :] * stride_yn).to(tl.float32)
+    else:
+        rk = tl.arange(0, BK)
+        rk_l = rk.to(tl.int64)
+        x_ptrs = X + rm_l[:, None] * stride_xm + rk_l[None, :] * stride_xk
+        w_ptrs = W + rk_l[:, None] * stride_wk + rn_l.to(tl.int64)[None, :] * stride_wn
+        x_step = stride_xk * tl.full((), BK, tl.int64)
+        w_step = stride_wk * tl.full((), BK, tl.int64)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BK)):
+            k_left = K - kt * BK
+            a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            if INTERP_BF16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            x_ptrs += x_step
+            w_ptrs += w_step
 
-    # rank-r epilogue: low = s · (H Q) U, in fp32
-    rr = tl.arange(0, R_PAD)
-    r_ok = rr < r
-    ht = tl.load(H + rm_l[:, None] * stride_hm + rr[None, :] * stride_hr, mask=r_ok[None, :], other=0.0)
-    if HAS_Q:
-        ht = tl.dot(ht, _load_rr(Q, stride_qa, stride_qb, r, R_PAD), input_precision=LOW_PREC)
-    ut = tl.load(U + rr[:, None] * stride_ur + rn_l[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
-    low = tl.dot(ht, ut.to(tl.float32), input_precision=LOW_PREC) * scale
+    # rank-r epilogue, s · H U in fp32, R_CHUNK ranks at a time: only (BM, R_CHUNK) of H and
+    # (R_CHUNK, BN) of U are live at once, whatever the rank
+    rc = tl.arange(0, R_CHUNK)
     if DROPOUT:
-        keep = dropout_keep(seed, offset, rm, rn, N, p)
-        low = tl.where(keep, low * inv_keep, 0.0)
-    acc += low
+        # the mask acts on the rank-r term alone: it needs its own (BM, BN) tile
+        low = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, r, R_CHUNK):
+        c_ok = r0 + rc < r
+        ht = tl.load(H + rm_l[:, None] * stride_hm + (r0 + rc)[None, :] * stride_hr, mask=c_ok[None, :], other=0.0)
+        ut = tl.load(U + (r0 + rc)[:, None] * stride_ur + rn_l[None, :] * stride_un, mask=c_ok[:, None], other=0.0)
+        if DROPOUT:
+            low = tl.dot(ht, ut.to(tl.float32), low, input_precision=LOW_PREC)
+        else:
+            # into the accumulator: no second (BM, BN) fp32 tile in registers
+            acc = tl.dot(ht * scale, ut.to(tl.float32), acc, input_precision=LOW_PREC)
+    if DROPOUT:
+        keep = dropout_keep(seed, offset, rm, pid_n * BN, N, p, BN)
+        acc += tl.where(keep, low * (scale * inv_keep), 0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn_l).to(tl.float32)[None, :]
     if INTERP_BF16:
@@ -208,21 +235,73 @@ def _lora_gemm_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
+def smem_limit(device: torch.device) -> int:
+    """Shared memory one block may use on ``device`` (bytes, opt-in maximum)."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 232448
+
+
 def _gemm_configs():
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
         (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
-        (128, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+        (128, 128, 32, 4, 4), (64, 64, 32, 4, 4), (32, 128, 64, 4, 4),
     ]:
         cfgs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
     return cfgs
 
 
-_lora_gemm_tuned = triton.autotune(
-    configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_Q", "HAS_BIAS", "DROPOUT", "PREC"],
-)(_lora_gemm_kernel)
+def _fits(cfg, named_args) -> bool:
+    """Whether a config can run this launch: its pipelined operand tiles fit in shared memory
+    (stages × (BM + BN) × BK elements), and with dropout, whose rank-r term needs a second
+    (BM, BN) fp32 tile, it keeps that tile within the register file (≤ 64 fp32 per thread)."""
+    kw = cfg.kwargs
+    x = named_args["X"]
+    tiles = cfg.num_stages * (kw["BM"] + kw["BN"]) * kw["BK"] * x.element_size()
+    if tiles > smem_limit(x.device):
+        return False
+    if named_args.get("DROPOUT") and kw["BM"] * kw["BN"] > 64 * 32 * cfg.num_warps:
+        return False
+    return True
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    fit = [c for c in configs if _fits(c, {**named_args, **kwargs})]
+    return fit or configs[-1:]
+
+
+def _update_configs():
+    # no main loop: a memory-bound pass over Y, so wide tiles and no pipelining
+    return [triton.Config({"BM": bm, "BN": bn, "BK": 16, "GROUP_M": 8}, num_warps=w, num_stages=1)
+            for bm, bn, w in [(64, 128, 4), (128, 128, 8), (64, 256, 8)]]
+
+
+def _autotune(configs, key, **kw):
+    """triton.autotune whose results persist across processes: Triton's own disk cache where
+    the installed Triton has one (``cache_results``), else lorafast.kernels.tuning_cache."""
+    import inspect
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return triton.autotune(configs=configs, key=key, cache_results=True, **kw)
+    from .tuning_cache import cached_autotune
+    return cached_autotune(configs=configs, key=key, **kw)
+
+
+_GEMM_KEY = ["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT", "PREC", "LOW_PREC"]
+_PRUNE = {"early_config_prune": _prune_gemm}
+_lora_gemm_tuned = _autotune(_gemm_configs(), _GEMM_KEY, prune_configs_by=_PRUNE)(_lora_gemm_kernel)
+_lora_update_tuned = _autotune(_update_configs(), _GEMM_KEY, prune_configs_by=_PRUNE)(_lora_gemm_kernel)
+
+
+def m_bucket(M: int) -> int:
+    """The power of two nearest to M in log scale: the autotuning key for the row count. Its
+    boundaries sit at 2^(k+½), so a Poisson batch around a power-of-two size (the usual
+    choice) stays in one bucket instead of re-tuning whenever it crosses that size."""
+    if M <= 1:
+        return 1
+    lo = 1 << (M.bit_length() - 1)
+    return lo if M * M < 2 * lo * lo else 2 * lo
+
 
 # ---------------------------------------------------------------------------
 # launchers
@@ -232,7 +311,7 @@ _lora_gemm_tuned = triton.autotune(
 def interpreted() -> bool:
     """True when these kernels were defined under TRITON_INTERPRET=1."""
     from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_lora_gemm_kernel, InterpretedFunction)
+    return isinstance(_lora_project_kernel, InterpretedFunction)
 
 
 def sm_count(device: torch.device) -> int:
@@ -263,28 +342,48 @@ def _strides3(t: Optional[torch.Tensor]):
     return tuple(t.stride()) if t.dim() == 3 else (0, t.stride(0), t.stride(1))
 
 
+def _project_grid(M: int, K: int, *, per_sample: int, r_pad: int, can_split: bool, device):
+    """(BM, BK, splits): block height by the parallelism there is, and a split of K while
+    the row blocks alone leave streaming multiprocessors idle (M ≤ ~2k rows on an H100)."""
+    if interpreted():
+        bm, bk, sms = 16, 32, 2     # two "SMs": tiny inputs take the split-K path too
+    else:
+        sms = sm_count(device)
+        bm = 64 if triton.cdiv(M, 64) >= 2 * sms else (32 if triton.cdiv(M, 32) >= sms else 16)
+        if per_sample:  # blocks that stay inside one sample need one dot each, not two
+            bm = min(bm, max(16, per_sample & -per_sample))
+        bk = 128 if r_pad <= 32 else 64
+    row_blocks = triton.cdiv(M, bm)
+    k_tiles = triton.cdiv(K, bk)
+    splits = 1
+    if can_split and row_blocks < sms:
+        splits = min(k_tiles, triton.cdiv(2 * sms, row_blocks))
+    return bm, bk, splits
+
+
 def _project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_scale=1.0,
              dW=None, dR=None, dr_scale=None, dbias=None, r, dropout_p=0.0, seed=0, offset=0,
              rows_per_sample=0):
     """Launch one row pass over X (M, K); see the module docstring. Every matrix is a view
     given by its strides: P (K, r), out (M, r), Q/QH/dR (r, r), H (M, r), dW (K, r).
     With ``rows_per_sample`` = T > 0, dW (N, K, r) and dR (N, r, r) are per-sample: rows
-    [iT, (i+1)T) of X accumulate into sample i's slice."""
+    [iT, (i+1)T) of X accumulate into sample i's slice. ``out`` is written whole (zeroed
+    here first when K is split)."""
     M, K = X.shape
     r_pad = _r_pad(r)
     prec = _dot_precision(X.dtype)
     per_sample = rows_per_sample > 0
-    if interpreted():
-        bm, bk, warps, stages = 16, 32, 1, 1
-    else:
-        sms = sm_count(X.device)
-        bm = 64 if triton.cdiv(M, 64) >= 2 * sms else (32 if triton.cdiv(M, 32) >= sms else 16)
-        if per_sample:  # blocks that stay inside one sample need one dot each, not two
-            bm = min(bm, max(16, rows_per_sample & -rows_per_sample))
-        bk = 128 if r_pad <= 32 else 64
-        warps, stages = 4, 3
+    # dR needs each row's whole projection, so a pass that forms dR keeps K in one program
+    bm, bk, splits = _project_grid(M, K, per_sample=max(int(rows_per_sample), 0), r_pad=r_pad,
+                                   can_split=dR is None, device=X.device)
+    k_tiles = triton.cdiv(K, bk)
+    k_per = triton.cdiv(k_tiles, splits)
+    splits = triton.cdiv(k_tiles, k_per) if k_tiles else 1
+    if out is not None and splits > 1:
+        out.zero_()
+    warps, stages = (1, 1) if interpreted() else (4, 3)
     dummy = X
-    _lora_project_kernel[(triton.cdiv(M, bm),)](
+    _lora_project_kernel[(triton.cdiv(M, bm), splits)](
         X, X.stride(0), X.stride(1),
         P if P is not None else dummy, *_strides2(P),
         out if out is not None else dummy, *_strides2(out),
@@ -295,46 +394,49 @@ def _project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_s
         dR if dR is not None else dummy, *_strides3(dR),
         dbias if dbias is not None else dummy,
         M, K, r, float(out_scale), float(l_scale), float(out_scale if dr_scale is None else dr_scale),
-        int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p), max(int(rows_per_sample), 1),
+        int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p), max(int(rows_per_sample), 1), k_per,
         R_PAD=r_pad, BM=bm, BK=bk,
         HAS_P=P is not None, WRITE_OUT=out is not None, HAS_Q=Q is not None,
         DROPOUT=dropout_p > 0.0, ACC_DW=dW is not None, HAS_QH=QH is not None,
-        ACC_DR=dR is not None, ACC_DBIAS=dbias is not None, PER_SAMPLE=per_sample, PREC=prec,
-        num_warps=warps, num_stages=stages,
+        ACC_DR=dR is not None, ACC_DBIAS=dbias is not None, PER_SAMPLE=per_sample, SPLIT_K=splits > 1,
+        PREC=prec, num_warps=warps, num_stages=stages,
     )
 
 
-def _gemm(X, W, *, H, U, Y, r, scale=1.0, Q=None, bias=None, dropout_p=0.0, seed=0, offset=0):
-    """Y (M, N) = X (M, K) · W (K, N) + rank-r epilogue; W, U (r, N), Q (r, r) are strided views."""
+def _gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offset=0, blas=False):
+    """Y (M, N) = X (M, K) · W (K, N) + s · H U (⊙ m/(1-p)) + b; W and U (r, N) are strided views.
+    With ``blas`` the base product X·W is torch.mm's (cuBLAS on a GPU, honouring
+    ``allow_tf32``), written into Y, and one pass over Y adds the rank-r term and the bias."""
     M, K = X.shape
     N = W.shape[1]
     r_pad = _r_pad(r)
     prec = _dot_precision(X.dtype)
     interp = interpreted()
+    if blas:
+        torch.mm(X, W, out=Y)
     # the interpreter's bf16 dot is wrong and its bf16 cast truncates: compute in fp32 there
     interp_bf16 = interp and X.dtype == torch.bfloat16
     args = (
         X, X.stride(0), X.stride(1),
         W, W.stride(0), W.stride(1),
         H, H.stride(0), H.stride(1),
-        Q if Q is not None else H, *_strides2(Q),
         U, U.stride(0), U.stride(1),
         bias if bias is not None else Y, Y, Y.stride(0), Y.stride(1),
-        M, N, K, r, float(scale), int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p),
-        triton.next_power_of_2(M),
+        M, N, 0 if blas else K, r, float(scale), int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p),
+        m_bucket(M),
     )
-    flags = dict(R_PAD=r_pad, HAS_Q=Q is not None, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
-                 INTERP_BF16=interp_bf16, PREC="ieee" if interp_bf16 else prec, LOW_PREC=prec)
+    flags = dict(R_PAD=r_pad, R_CHUNK=min(r_pad, 32), HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
+                 BASE_IN_Y=blas, INTERP_BF16=interp_bf16, PREC="ieee" if interp_bf16 else prec, LOW_PREC=prec)
     if interp:
         grid = (triton.cdiv(M, 16) * triton.cdiv(N, 32),)
         _lora_gemm_kernel[grid](*args, **flags, BM=16, BN=32, BK=32, GROUP_M=4)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-        _lora_gemm_tuned[grid](*args, **flags)
+        (_lora_update_tuned if blas else _lora_gemm_tuned)[grid](*args, **flags)
 
 
-def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset):
+def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset, *, blas=False):
     """x2 (M, in) → (y (M, out) in x's dtype, h = drop(x) Aᵀ (M, r) fp32)."""
     M = x2.shape[0]
     out_f, r = weight.shape[0], lora_A.shape[0]
@@ -343,13 +445,14 @@ def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropo
     if M == 0:
         return y, h
     _project(x2, P=lora_A.T, out=h, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
-    _gemm(x2, weight.T, H=h, Q=lora_R.T if lora_R is not None else None, U=lora_B.T, Y=y, r=r,
-          scale=scaling, bias=bias.contiguous() if bias is not None else None)
+    v = h @ lora_R.T.to(torch.float32) if lora_R is not None else h     # (M, r): a tiny product, done once
+    _gemm(x2, weight.T, H=v, U=lora_B.T, Y=y, r=r,
+          scale=scaling, bias=bias.contiguous() if bias is not None else None, blas=blas)
     return y, h
 
 
 def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
-                     dx, dA, dB, dR, db, grad_scale=1.0, rows_per_sample=0):
+                     dx, dA, dB, dR, db, grad_scale=1.0, rows_per_sample=0, blas=False):
     """The backward's passes, writing whichever of dx (M, in), dA (r, in), dB (out, r),
     dR (r, r), db (out,) is given; dA, dB, dR may instead be per-sample (N, ·, ·) buffers
     (``rows_per_sample`` = T), and their gradients are scaled by ``grad_scale``."""
@@ -366,11 +469,11 @@ def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropou
         _project(x2, H=Lg, dW=dA.transpose(-1, -2), l_scale=grad_scale, r=r, dropout_p=dropout_p, seed=seed,
                  offset=offset, rows_per_sample=rows_per_sample)
     if dx is not None:
-        _gemm(gy2, weight, H=Lg, U=lora_A, Y=dx, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
+        _gemm(gy2, weight, H=Lg, U=lora_A, Y=dx, r=r, dropout_p=dropout_p, seed=seed, offset=offset, blas=blas)
 
 
 def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
-                         offset, needs):
+                         offset, needs, *, blas=False):
     """Gradients (dx, dA, dB, dR, dbias) in fp32 (dx in x's dtype); None where not needed."""
     need_x, need_A, need_B, need_R, need_bias = needs
     M, in_f = x2.shape
@@ -386,12 +489,12 @@ def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dr
             dx.zero_()
         return dx, dA, dB, dR, db
     _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                     dx=dx, dA=dA, dB=dB, dR=dR, db=db)
+                     dx=dx, dA=dA, dB=dB, dR=dR, db=db, blas=blas)
     return dx, dA, dB, dR, db
 
 
 def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
-                                    offset, *, batch, need_x, ps_A, ps_B, ps_R, ps_scale):
+                                    offset, *, batch, need_x, ps_A, ps_B, ps_R, ps_scale, blas=False):
     """dx (M, in) in x's dtype (None unless ``need_x``), and per-sample adapter gradients scaled by
     ``ps_scale`` and accumulated (+=) into the fp32 views ps_A (N, r, in), ps_B (N, out, r),
     ps_R (N, r, r) (None where not trained). The per-sample sums are reductions over each
@@ -402,5 +505,14 @@ def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, 
         return dx
     _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
                      dx=dx, dA=ps_A, dB=ps_B, dR=ps_R, db=None, grad_scale=ps_scale,
-                     rows_per_sample=M // batch)
+                     rows_per_sample=M // batch, blas=blas)
     return dx
+
+
+# The default plan on a GPU without a measured table (the "hybrid" backend): the base GEMMs
+# x·Wᵀ and dY·W on cuBLAS, as PEFT's are, and every rank-r pass in the kernels above.
+HYBRID = types.SimpleNamespace(
+    lora_linear_forward=functools.partial(lora_linear_forward, blas=True),
+    lora_linear_backward=functools.partial(lora_linear_backward, blas=True),
+    lora_linear_per_sample_backward=functools.partial(lora_linear_per_sample_backward, blas=True),
+)

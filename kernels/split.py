@@ -5,8 +5,8 @@ per sample ("sample"), per vector along the last dim ("token"); "element" clips 
 element and ignores rows.
 
 ``_row_sq_norm_kernel``   S[r] += ‖x[r, chunk]‖²                       (grid: rows × chunks)
-``_privatize_kernel``     y = clip(x) + std·ξ,  ξ_j = philox_normal(seed, offset + j)
-                          (grid: rows × chunks)
+``_privatize_kernel``     y = clip(x) + std·ξ,  ξ the Philox normals of the (R, L) rows
+                          from (seed, offset), four per call  (grid: rows × chunks)
 
 When a row fits in one block (token rows, small samples) the norm is taken inside
 ``_privatize_kernel`` and there is one launch; longer rows ("sample" mode) take a norm
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .random import philox_normal
+from .random import normals
 
 MODES = {"sample": 0, "token": 0, "element": 1}
 
@@ -52,8 +52,9 @@ def _privatize_kernel(X, Y, S, L, clip, std, seed, offset,
             sq = tl.load(S + r)
         # min(1, C/‖x‖); the floor keeps a zero row finite (factor 1)
         y = x * tl.minimum(1.0, clip / tl.sqrt(tl.maximum(sq, 1e-30)))
-    if NOISE:
-        y += std * philox_normal(seed, offset + idx)
+    if NOISE:   # row r's Philox calls start at r·⌈L/4⌉; BL is a multiple of 4
+        calls = offset + r * ((L + 3) // 4) + (c * (BL // 4) + tl.arange(0, BL // 4)).to(tl.int64)
+        y += std * normals(seed, calls)
     tl.store(Y + idx, y.to(Y.dtype.element_ty), mask=ok)
 
 
@@ -71,7 +72,7 @@ def privatize(h: torch.Tensor, clip_norm: float, noise_std: float, mode: str, se
     max_block = 64 if interpreted() else 8192
     element = MODES[mode] == 1
     one_pass = not element and L <= max_block
-    bl = triton.next_power_of_2(L) if one_pass else (64 if interpreted() else 4096)
+    bl = max(4, triton.next_power_of_2(L)) if one_pass else (64 if interpreted() else 4096)
     grid = (R, triton.cdiv(L, bl))
     if not element and not one_pass:
         _row_sq_norm_kernel[grid](x, L, sq, BL=bl)

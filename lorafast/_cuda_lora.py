@@ -10,8 +10,8 @@ Same plan and signatures as kernels/lora_linear.py (its docstring has the math):
               dA += Lgᵀ drop(x)                         rank_reduce over x (DW)
               dx = [G W] + (Lg A) ⊙ m/(1-p)             cuBLAS, then rank_update_
 With per-sample buffers (DP-SGD) the reductions over rows flush at each sample's boundary.
-The dropout mask is Philox of (seed, offset + row·in + col), bit-identical to the Triton
-kernels'. fp32 GEMMs follow torch's TF32 switch, as the Triton backend does.
+The dropout mask takes word col mod 4 of Philox call offset + row·⌈in/4⌉ + ⌊col/4⌋ under
+seed (four mask elements per call), bit-identical to the Triton kernels'. fp32 GEMMs follow torch's TF32 switch, as the Triton backend does.
 """
 from __future__ import annotations
 

@@ -5,10 +5,14 @@ compute in float32 (float64 when given float64 inputs) and round once at the
 end, so calling them on float64 copies of the inputs gives the ground truth.
 
 Randomness is counter-based. ``philox4x32`` is Random123's Philox4x32-10 with
-key ``(lo32(seed), hi32(seed))`` and counter ``(lo32(c), hi32(c), 0, 0)``; the
-uniform for counter ``c`` is ``(x0 >> 8) * 2**-24`` in [0, 1). Element ``(m, k)``
-of a row-major (M, K) tensor uses counter ``offset + m*K + k``. The Triton
-kernels (kernels/random.py) draw exactly the same numbers.
+key ``(lo32(seed), hi32(seed))`` and counter ``(lo32(c), hi32(c), 0, 0)`` for a call
+counter c. Every call yields four 32-bit words, and every word is used: element
+``(m, k)`` of a row-major (M, K) tensor draws word ``k mod 4`` of call
+``offset + m·⌈K/4⌉ + ⌊k/4⌋`` (a 1-D tensor is one row), so ``offset`` counts calls and a
+tensor of M rows uses ``M·⌈K/4⌉`` of them. A word gives the uniform ``(x >> 8)·2⁻²⁴``
+in [0, 1); the words (x0, x1) and (x2, x3) of a call give two normals each by
+Box–Muller (cos and sin). The Triton kernels (kernels/random.py) and the CUDA kernels
+(csrc/philox.cuh) draw exactly the same words.
 """
 from __future__ import annotations
 
@@ -56,25 +60,52 @@ def philox4x32(seed: int, counters: Tensor, rounds: int = 10) -> tuple[Tensor, T
     return philox4x32_rounds(c & _M32, (c >> 32) & _M32, zero, zero, seed & _M32, (seed >> 32) & _M32, rounds)
 
 
-def philox_uniform(seed: int, counters: Tensor) -> Tensor:
-    """Uniform float32 in [0, 1) per counter: the top 24 bits of Philox word 0."""
-    x0 = philox4x32(seed, counters)[0]
-    return (x0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+def philox_uniform4(seed: int, calls: Tensor) -> Tensor:
+    """(..., 4) float32 uniforms in [0, 1) per call counter: (x_i >> 8)·2⁻²⁴ of its four words."""
+    words = torch.stack(philox4x32(seed, calls), dim=-1)
+    return (words >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
-def philox_normal(seed: int, counters: Tensor) -> Tensor:
-    """Standard normal float32 per counter, Box–Muller on Philox words 0 and 1:
-    u1 = (x0 + 1)·2⁻³² ∈ (0, 1], u2 = (x1 >> 8)·2⁻²⁴, z = √(−2 ln u1)·cos(2π u2)."""
-    x0, x1, _, _ = philox4x32(seed, counters)
-    u1 = (x0.to(torch.float32) + 1.0) * 2.0**-32
-    u2 = (x1 >> 8).to(torch.float32) * 2.0**-24
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+def philox_normal4(seed: int, calls: Tensor) -> Tensor:
+    """(..., 4) float32 standard normals per call counter, by Box–Muller on both word pairs:
+    for (a, b) = (x0, x1) and (x2, x3), u1 = (a + 1)·2⁻³² ∈ (0, 1], u2 = (b >> 8)·2⁻²⁴,
+    ρ = √(−2 ln u1), θ = 2π u2, the normals ρ cos θ and ρ sin θ, in the order
+    (cos₀₁, sin₀₁, cos₂₃, sin₂₃). 32 bits in u1 put the largest |z| at √(64 ln 2) ≈ 6.66."""
+    x0, x1, x2, x3 = philox4x32(seed, calls)
+    out = []
+    for a, b in ((x0, x1), (x2, x3)):
+        u1 = (a.to(torch.float32) + 1.0) * 2.0**-32
+        theta = 6.283185307179586 * ((b >> 8).to(torch.float32) * 2.0**-24)
+        rho = torch.sqrt(-2.0 * torch.log(u1))
+        out += [rho * torch.cos(theta), rho * torch.sin(theta)]
+    return torch.stack(out, dim=-1)
+
+
+def _grid(draw4, seed: int, offset: int, rows: int, cols: int, device) -> Tensor:
+    """(rows, cols): element (m, k) takes number k mod 4 of call offset + m·⌈cols/4⌉ + ⌊k/4⌋."""
+    per_row = -(-cols // 4)
+    calls = torch.arange(rows * per_row, device=device, dtype=torch.int64).view(rows, per_row) + offset
+    return draw4(seed, calls).reshape(rows, per_row * 4)[:, :cols]
+
+
+def philox_calls(rows: int, cols: int) -> int:
+    """Philox calls that a (rows, cols) tensor uses: advance ``offset`` by this much between draws."""
+    return rows * -(-cols // 4)
+
+
+def uniform_grid(seed: int, offset: int, rows: int, cols: int, device=None) -> Tensor:
+    """(rows, cols) float32 uniforms of a row-major tensor (see the module docstring)."""
+    return _grid(philox_uniform4, seed, offset, rows, cols, device)
+
+
+def normal_grid(seed: int, offset: int, rows: int, cols: int, device=None) -> Tensor:
+    """(rows, cols) float32 standard normals of a row-major tensor (a vector: rows = 1)."""
+    return _grid(philox_normal4, seed, offset, rows, cols, device)
 
 
 def dropout_keep(seed: int, offset: int, rows: int, cols: int, p: float, device=None) -> Tensor:
-    """Keep mask (rows, cols) of inverted dropout: element kept iff uniform >= p."""
-    idx = torch.arange(rows * cols, device=device, dtype=torch.int64) + offset
-    return (philox_uniform(seed, idx) >= p).view(rows, cols)
+    """Keep mask (rows, cols) of inverted dropout: element kept iff its uniform >= p."""
+    return uniform_grid(seed, offset, rows, cols, device) >= p
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -222,8 +253,8 @@ def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int]
 
     with clip factors cᵢ from ``clip_coefficients`` (a factor-0 sample contributes exactly 0,
     even when its gradient holds inf or nan), ``acc`` an optional running sum (D,), and ξ
-    the given ``noise`` (D,) or, when None, Philox normals for counters offset + j. No noise
-    when ``noise_std`` is 0.
+    the given ``noise`` (D,) or, when None, the Philox normals of a (1, D) tensor from
+    (seed, offset), which uses ``philox_calls(1, D)`` calls. No noise when ``noise_std`` is 0.
     """
     dt = _acc_dtype(grad_sample)
     g = grad_sample.to(dt)
@@ -236,7 +267,7 @@ def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int]
         out = out + acc.to(dt)
     if noise_std != 0.0:
         if noise is None:
-            noise = philox_normal(seed, torch.arange(g.shape[1], device=g.device, dtype=torch.int64) + offset)
+            noise = normal_grid(seed, offset, 1, g.shape[1], g.device)[0]
         out = out + noise_std * noise.to(dt)
     return out * out_scale
 
@@ -322,7 +353,7 @@ def privatize(h: Tensor, clip_norm: float, noise_std: float, *, mode: str, seed:
 
       "sample"/"token":  clip(x) = x · min(1, C/‖x‖) per row (see ``privatize_rows``)
       "element":         clip(x) = min(max(x, −C), C)
-      ξ_j = philox_normal(seed, offset + j) for the flat index j of each element.
+      ξ = normal_grid(seed, offset, R, L): the Philox normals of the (R, L) rows.
 
     Written with differentiable ops: autograd of this function is the reference for the
     backward (the clipping's Jacobian; the noise passes gradients straight through)."""
@@ -341,8 +372,7 @@ def privatize(h: Tensor, clip_norm: float, noise_std: float, *, mode: str, seed:
                            torch.ones_like(sq))
         y = x * coef[:, None]
     if noise_std > 0:
-        idx = torch.arange(R * L, device=h.device, dtype=torch.int64) + offset
-        y = y + (noise_std * philox_normal(seed, idx)).to(acc).view(R, L)
+        y = y + (noise_std * normal_grid(seed, offset, R, L, h.device)).to(acc)
     return y.reshape(h.shape).to(h.dtype), sq.detach()
 
 

@@ -21,11 +21,13 @@ def backend_devices(op=None):
     """(backend, device) pairs that run here: the reference, Triton (interpreted on CPU), the
     CUDA kernels under the host emulation (("cuda", "cpu"), where a C++ compiler is), and on a
     GPU the CUDA extension (("cuda", "cuda"), when it is usable). ``op`` names the op as
-    ``_backend.select`` does, for the CUDA pairs."""
+    ``_backend.select`` does, for the CUDA pairs, and adds "hybrid" for the ops with base GEMMs."""
     from lorafast import _cuda
     pairs = [("torch", "cpu")]
     if "triton" in lorafast.available_backends():
         pairs.append(("triton", "cuda" if HAS_CUDA else "cpu"))
+        if op in _backend.BASE_GEMM_OPS:   # the default GPU plan: torch.mm base GEMMs, Triton rank-r passes
+            pairs.append(("hybrid", "cuda" if HAS_CUDA else "cpu"))
     if HAS_CUDA:
         pairs.append(("torch", "cuda"))
     has_kernel = op is None or op in _cuda.OPS
@@ -64,6 +66,9 @@ def assert_close(name, got, ref64, baseline, dtype):
     assert err <= tol, f"{name}: rel err {err:.3e} > tol {tol:.3e} (PyTorch's own error {base:.3e})"
 
 
+BACKEND_FIXTURES = ("backend_device", "lora_backend_device")   # the parameter names of (backend, device) pairs
+
+
 @pytest.fixture(params=backend_devices(), ids=backend_ids)
 def backend_device(request):
     return request.param
@@ -84,7 +89,7 @@ def _hardware_contract(request):
 def _cuda_emulation(request, monkeypatch):
     """Tests parametrized with the ("cuda", "cpu") pair run the CUDA kernels under emulation."""
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("backend_device") == CUDA_EMULATED:
+    if callspec is not None and CUDA_EMULATED in (callspec.params.get(name) for name in BACKEND_FIXTURES):
         cuda_emu.activate(monkeypatch)
 
 

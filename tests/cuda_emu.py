@@ -2,7 +2,7 @@
 (tests/native/cuda_emu/), loaded with ctypes.
 
 Each ``kernel<<<grid, block, smem, stream>>>(args)`` is rewritten into a call of
-``emu::launch``, which runs every block's threads as std::threads with real barriers for
+``emu::launch``, which runs every block's threads as fibers with real barriers for
 ``__syncthreads`` and warp shuffles. The kernels' indexing, masking, tiling, Philox streams
 and reductions are then the code that runs on a GPU, on CPU tensors at tiny sizes. What the
 emulation cannot show (speed, the memory model, the torch binding in bindings.cpp) is left to
@@ -58,7 +58,9 @@ def build(workdir: Path) -> ctypes.CDLL:
         unit.write_text(rewrite_launches(src.read_text()))
         units.append(str(unit))
     lib = workdir / "libcuda_emu.so"
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-I", str(EMU), "-I", str(CSRC),
+    # the kernels' vector loads read half/bfloat16/float storage through Pack4 (as on the GPU)
+    cmd = [CXX, "-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread", "-fPIC", "-shared", "-I", str(EMU),
+           "-I", str(CSRC),
            *units, str(EMU / "api.cpp"), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -79,12 +81,30 @@ def check(err: int, what: str) -> None:
         raise RuntimeError(f"{what}: emulated launch failed (cudaError {err})")
 
 
+def chunk_rows(segments, width: int = CHUNK_WIDTH) -> list[tuple[int, int, int]]:
+    """bindings.cpp's chunk table: (start, stop, parameter) rows of at most ``width`` columns,
+    each inside one parameter; a chunk that starts inside a parameter starts at a multiple of 4,
+    so no chunk touches more than width/4 of the Philox four-column groups."""
+    rows = []
+    for p, (start, stop) in enumerate(zip(segments, segments[1:])):
+        a = start
+        while a < stop:
+            b = min(stop, (a & ~3) + width)
+            rows.append((a, b, p))
+            a = b
+    return rows
+
+
 class EmulatedOps:
-    """The ``lorafast_cuda`` rank ops over the emulated kernels, with the binding's argument
-    handling (bindings.cpp): pointers, strides, the dtype code and the multiprocessor count."""
+    """The ``lorafast_cuda`` ops over the emulated kernels, with the binding's argument
+    handling (bindings.cpp): pointers, strides, the dtype code, the multiprocessor count, and
+    the device tables (chunk table, per-parameter bounds) built once per layout and cached."""
+
+    CACHE_ENTRIES = 64   # kMaxEntries of DeviceTables in bindings.cpp
 
     def __init__(self, lib: ctypes.CDLL, sms: int = 2):
         self.lib, self.sms = lib, sms
+        self._tables: dict = {}
 
     def rank_reduce(self, x, p, out, out_scale, l, dw, l_scale, rows_per_sample, dbias, dropout_p, seed, offset):
         r = p.shape[1] if p is not None else (l.shape[1] if l is not None else 1)   # dbias alone: r is moot
@@ -112,17 +132,23 @@ class EmulatedOps:
         x = h.contiguous()
         rows, cols = privatize_rows(x, mode)
         y = torch.empty_like(x)
-        sq = torch.zeros(rows, dtype=torch.float32)
+        sq = torch.empty(rows, dtype=torch.float32)   # zeroed by the launcher
         element = 1 if mode == "element" else 0
         check(self.lib.emu_privatize(ptr(x), ptr(y), ptr(sq), rows, cols, DTYPES[x.dtype], element, clip_norm,
                                      noise_std, seed, offset), "privatize")
         return y, sq
 
-    @staticmethod
-    def _chunks(segments, width=CHUNK_WIDTH):
-        rows = [(a, min(a + width, stop), p) for p, (start, stop) in enumerate(zip(segments, segments[1:]))
-                for a in range(start, stop, width)]
-        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+    def _table(self, key, make):
+        """A cached table, oldest entry dropped past CACHE_ENTRIES (bindings.cpp's DeviceTables)."""
+        if key not in self._tables:
+            if len(self._tables) >= self.CACHE_ENTRIES:
+                del self._tables[next(iter(self._tables))]
+            self._tables[key] = make()
+        return self._tables[key]
+
+    def _chunks(self, segments, width=CHUNK_WIDTH):
+        return self._table(("chunks", tuple(segments), width),
+                           lambda: torch.tensor(chunk_rows(segments, width), dtype=torch.int64).reshape(-1, 3))
 
     def grad_sample_norms(self, grad_sample, segments):
         n, p = grad_sample.shape[0], len(segments) - 1
@@ -137,7 +163,11 @@ class EmulatedOps:
         sq = sq_norms.float()
         total = sq.sum(1, keepdim=True)
         if per_layer:
-            coef = (torch.tensor(max_norms, dtype=torch.float32) / sq.sqrt()).clamp_max(1.0)
+            def make():
+                return torch.tensor(max_norms, dtype=torch.float64).to(torch.float32)
+            nan = any(v != v for v in max_norms)   # not cached, as in bindings.cpp
+            bound = make() if nan else self._table(("bound", tuple(max_norms)), make)
+            coef = (bound / sq.sqrt()).clamp_max(1.0)
         else:
             coef = (max_norms[0] / total.sqrt()).clamp_max(1.0)
         coef = torch.where(torch.isfinite(total), coef, torch.zeros_like(coef)).contiguous()

@@ -4,6 +4,10 @@
 - the Philox dropout mask is bit-identical to the Triton kernels' and the reference's;
 - ranks above the kernel's 128 go through in slices; splitting K across blocks changes
   nothing but rounding;
+- every tile plan of rank_reduce (padded rank 16, 32, 64, 128; both DW atomic layouts,
+  samples that end inside a tile) and rank_update on ragged, strided and misaligned
+  tensors, the DP step on chunks whose bounds are not multiples of 4, and privatize on long
+  ragged rows, all against the reference (the thread owning four columns draws one call);
 - on a GPU: the extension loads (prebuilt or JIT), and every op agrees with the Triton
   backend on the same inputs, bf16 included.
 """
@@ -126,6 +130,102 @@ def test_splitting_k_across_blocks_changes_only_rounding(monkeypatch):
     torch.testing.assert_close(results[0][0], 0.5 * x @ P, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], 2.0 * x.T @ L, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][2], x.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def _drop64(x, p, seed, offset):
+    x = x.double()
+    if p == 0:
+        return x
+    return torch.where(reference.dropout_keep(seed, offset, *x.shape, p), x / (1 - p), 0.0)
+
+
+@emulated
+@pytest.mark.parametrize("r", [3, 16, 17, 32, 40, 64, 100, 128])
+def test_rank_reduce_tile_plans_match_float64(monkeypatch, r):
+    """OUT, per-sample DW and DB in one pass with dropout, for each padded rank's tile plan:
+    samples of T = 7 rows end inside tiles, K = 70 is ragged (not a multiple of the tile or
+    of 4), DW is dB-like (unit rank stride) or dA-like ((N, K, r) view of (N, r, K): unit k
+    stride), X is row- or column-major, and K is split across blocks or not."""
+    emu = cuda_emu.activate(monkeypatch)
+    N, T, K, p, seed, offset = 19, 7, 70, 0.3, fresh_seed(), 2**33 + 5
+    M = N * T
+    x32 = torch.randn(M, K) + 0.5
+    P, L = torch.randn(K, r), torch.randn(M, r)
+    for layout, dtype, column_major, sms in [("rank", torch.float32, False, 2), ("k", torch.bfloat16, True, 64),
+                                             ("k", torch.float16, False, 1)]:
+        x = x32.to(dtype)
+        if column_major:
+            x = x.T.contiguous().T
+        d = _drop64(x, p, seed, offset)
+        out, db = torch.zeros(M, r), torch.zeros(K)
+        dw = torch.zeros(N, K, r) if layout == "rank" else torch.zeros(N, r, K).transpose(1, 2)
+        emu.sms = sms
+        _cuda_lora.ops().rank_reduce(x, P, out, 0.5, L, dw, 2.0, T, db, p, seed, offset)
+        emu.sms = 2
+        dw_want = 2.0 * torch.einsum("ntk,ntr->nkr", d.view(N, T, K), L.double().view(N, T, r))
+        what = (layout, dtype, column_major, sms)
+        assert rel_err(out, 0.5 * d @ P.double()) < 1e-5, what
+        assert rel_err(dw, dw_want) < 1e-5, what
+        assert rel_err(db, d.sum(0)) < 1e-5, what
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_rank_update_on_ragged_misaligned_views(monkeypatch, dtype):
+    """Y a column slice of a wider buffer (rows not 8- or 16-byte aligned, so no vector
+    access) or not, N not a multiple of 4, r over one rank tile: the mask is the reference's
+    and the columns around the view are untouched."""
+    emu = cuda_emu.activate(monkeypatch)
+    M, N, r, p, seed = 37, 131, 20, 0.4, fresh_seed()
+    for shift in (0, 1):
+        big = torch.randn(M, N + 2).to(dtype)
+        before = big.clone()
+        y = big[:, shift:shift + N]
+        H, U, b = torch.randn(M, r), torch.randn(r, N), torch.randn(N)
+        emu.rank_update_(y, H, U, b, 0.7, p, seed, 9)
+        want = before[:, shift:shift + N].double() + _drop64(0.7 * H @ U, p, seed, 9) + b.double()
+        assert rel_err(y, want) < (1e-6 if dtype == torch.float32 else 1e-3), shift
+        rest = torch.ones(N + 2, dtype=torch.bool)
+        rest[shift:shift + N] = False
+        assert torch.equal(big[:, rest], before[:, rest]), shift
+
+
+@emulated
+def test_dp_step_on_chunks_not_aligned_to_four(monkeypatch):
+    """Parameters of odd widths, two of them wider than a chunk: chunks that start inside a
+    parameter start at a multiple of 4, no chunk touches more than CHUNK_WIDTH/4 groups, and
+    the fused step (clipping, acc, Philox noise of the (1, D) vector) is the reference."""
+    emu = cuda_emu.activate(monkeypatch)
+    fresh_seed()
+    segments = [0, 1, 3, 4103, 9001, 9002]
+    rows = cuda_emu.chunk_rows(segments)
+    for a, b, p in rows:
+        assert segments[p] <= a < b <= segments[p + 1] and (a == segments[p] or a % 4 == 0)
+        assert (b - 1) // 4 - a // 4 < cuda_emu.CHUNK_WIDTH // 4
+    assert sum(b - a for a, b, _ in rows) == segments[-1]
+    g = torch.randn(5, segments[-1])
+    sq = reference.grad_sample_sq_norms(g, segments).float()
+    torch.testing.assert_close(emu.grad_sample_norms(g, segments), sq, rtol=1e-5, atol=1e-5)
+    acc = torch.randn(segments[-1])
+    for per_layer, bounds in [(False, [2.0]), (True, [0.5, 1.0, 1.5, 2.0, 2.5])]:
+        kw = dict(per_layer=per_layer, acc=acc, noise=None, noise_std=0.9, seed=2**62 + 1, offset=2**32 + 3,
+                  out_scale=0.5)
+        got = emu.clip_reduce_noise(g, sq, segments, bounds, per_layer, acc, None, 0.9, kw["seed"], kw["offset"], 0.5)
+        assert rel_err(got, reference.clip_reduce_noise(g.double(), sq.double(), segments, bounds, **kw)) < 1e-6
+
+
+@emulated
+@pytest.mark.parametrize("shape, mode", [((2, 2103), "token"), ((3, 2, 1030), "sample"), ((2, 4099), "element")])
+def test_privatize_long_ragged_rows(monkeypatch, shape, mode):
+    """Rows of more than one block (2048 elements) and not a multiple of 4: every block's
+    groups start calls at the right (row, column)."""
+    emu = cuda_emu.activate(monkeypatch)
+    fresh_seed()
+    h = torch.randn(*shape)
+    y, sq = emu.privatize(h, 3.0, 0.6, mode, 4242, 19)
+    want, sq_want = reference.privatize(h.double(), 3.0, 0.6, mode=mode, seed=4242, offset=19)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq.double(), sq_want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ on a GPU

@@ -1,6 +1,7 @@
 """csrc/philox.cuh, the CUDA kernels' Philox4x32-10, against the reference (the same
-(seed, counter) mapping as the Triton kernels) and Random123's known answers. The header is
+(seed, call) mapping as the Triton kernels) and Random123's known answers. The header is
 host/device, so a host build checks it here without a GPU."""
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ KAT = [
     ("ffffffff ffffffff ffffffff ffffffff ffffffff ffffffff", "408f276d 41c83b0e a20bc7c6 6d5451fd"),
     ("243f6a88 85a308d3 13198a2e 03707344 a4093822 299f31d0", "d16cfe09 94fdcceb 5001e420 24126ea1"),
 ]
+NORMAL_ULPS = 4   # the host's fp32 log/sqrt/sin/cos against torch's: a few ulp of the result
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,16 @@ def _run(host, *args) -> list[list[str]]:
     return [line.split() for line in proc.stdout.splitlines()]
 
 
+def _f32(values) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)   # %.9g round-trips fp32
+
+
+def _assert_normals_close(got: torch.Tensor, want: torch.Tensor, what) -> None:
+    ulp = torch.nextafter(want.abs(), torch.tensor(float("inf"))) - want.abs()
+    bad = (got - want).abs() > NORMAL_ULPS * ulp.clamp_min(torch.finfo(torch.float32).tiny)
+    assert not bad.any(), (what, got[bad].tolist(), want[bad].tolist())
+
+
 @pytest.mark.parametrize("inputs, want", KAT)
 def test_known_answers(host, inputs, want):
     assert " ".join(_run(host, "kat", *inputs.split())[0]) == want
@@ -45,18 +57,32 @@ def test_known_answers(host, inputs, want):
     assert " ".join(f"{int(w):08x}" for w in words) == want
 
 
-def test_same_stream_as_the_reference(host):
-    gen = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+def test_same_calls_as_the_reference(host):
+    """Per call: the four words and uniforms bit-identical, the four normals to a few ulp."""
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     seeds = [0, 1, 2**32 - 1, 2**32 + 5, 2**63 - 1] + torch.randint(0, 2**62, (3,), generator=gen).tolist()
-    counters = [0, 1, 2**32 - 1, 2**32, 2**40 + 3, 2**63 - 2] + torch.randint(0, 2**62, (10,), generator=gen).tolist()
+    calls = [0, 1, 2**32 - 1, 2**32, 2**40 + 3, 2**63 - 2] + torch.randint(0, 2**62, (40,), generator=gen).tolist()
+    c = torch.tensor(calls, dtype=torch.int64)
     for seed in seeds:
-        got = _run(host, seed, *counters)
-        c = torch.tensor(counters, dtype=torch.int64)
-        words = reference.philox4x32(seed, c)
-        uniform = reference.philox_uniform(seed, c)
-        normal = reference.philox_normal(seed, c)
-        for i, line in enumerate(got):
-            assert [int(v) for v in line[:4]] == [int(w[i]) for w in words], (seed, counters[i])
-            f32 = torch.tensor(float(line[4]), dtype=torch.float32)      # %.9g round-trips fp32
-            assert f32.item() == uniform[i].item(), (seed, counters[i])   # exact: 24-bit words
-            assert abs(float(line[5]) - normal[i].item()) <= 4e-6 * (1 + abs(normal[i].item())), (seed, counters[i])
+        got = _run(host, seed, *calls)
+        words = torch.stack(reference.philox4x32(seed, c), dim=1)
+        uniform, normal = reference.philox_uniform4(seed, c), reference.philox_normal4(seed, c)
+        assert torch.equal(torch.tensor([[int(v) for v in line[:4]] for line in got]), words), seed
+        assert torch.equal(torch.stack([_f32(line[4:8]) for line in got]), uniform), seed   # exact: 24-bit words
+        _assert_normals_close(torch.stack([_f32(line[8:12]) for line in got]), normal, seed)
+
+
+@pytest.mark.parametrize("offset, rows, cols", [(0, 1, 1), (0, 3, 4), (7, 5, 13), (2**40 + 1, 2, 6), (3, 1, 37)])
+def test_element_layout_is_the_reference_grid(host, offset, rows, cols):
+    """philox_call(offset, m, k, K) and number k mod 4: element (m, k) of a row-major (M, K)
+    tensor gets the reference's uniform_grid / normal_grid value, ragged rows included."""
+    seed = 1234567
+    got = _run(host, "grid", seed, offset, rows, cols)
+    per_row = -(-cols // 4)
+    want_calls = [offset + m * per_row + k // 4 for m in range(rows) for k in range(cols)]
+    assert [int(line[0]) for line in got] == want_calls
+    assert reference.philox_calls(rows, cols) == rows * per_row
+    assert torch.equal(_f32(line[1] for line in got).view(rows, cols),
+                       reference.uniform_grid(seed, offset, rows, cols))
+    _assert_normals_close(_f32(line[2] for line in got).view(rows, cols),
+                          reference.normal_grid(seed, offset, rows, cols), (offset, rows, cols))

@@ -43,8 +43,8 @@ def _inputs(batch, T, in_f, out_f, r, layout, dtype, device, variant):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", ["lora", "ffa", "xs"])
 @pytest.mark.parametrize("shape", LAYOUTS, ids=lambda s: f"{s[5]}-N{s[0]}-T{s[1]}-r{s[4]}")
-def test_per_sample_grads_match_float64(backend_device, shape, variant, dtype, dropout_p):
-    backend, device = backend_device
+def test_per_sample_grads_match_float64(lora_backend_device, shape, variant, dtype, dropout_p):
+    backend, device = lora_backend_device
     fresh_seed()
     batch, T, in_f, out_f, r, layout = shape
     x, gy, W, A, B, R = _inputs(batch, T, in_f, out_f, r, layout, dtype, device, variant)
@@ -76,8 +76,8 @@ def test_per_sample_grads_match_float64(backend_device, shape, variant, dtype, d
 
 
 @pytest.mark.parametrize("variant", ["lora", "xs"])
-def test_per_sample_grads_sum_to_batch_grads(backend_device, variant):
-    backend, device = backend_device
+def test_per_sample_grads_sum_to_batch_grads(lora_backend_device, variant):
+    backend, device = lora_backend_device
     fresh_seed()
     x, gy, W, A, B, R = _inputs(4, 6, 19, 21, 3, "3d", torch.float32, device, variant)
     _, h = torch.ops.lorafast.lora_linear_fwd(x, W, A, B, None, R, 0.5, 0.0, 0, 0, "torch")
@@ -91,8 +91,8 @@ def test_per_sample_grads_sum_to_batch_grads(backend_device, variant):
             assert rel_err(got.sum(0), ref) < 1e-5
 
 
-def test_empty_batch(backend_device):
-    backend, device = backend_device
+def test_empty_batch(lora_backend_device):
+    backend, device = lora_backend_device
     x, gy, W, A, B, _ = _inputs(1, 3, 8, 9, 2, "3d", torch.float32, device, "lora")
     x, gy = x[:0], gy[:0]
     h = torch.zeros(0, 2, device=device)
@@ -170,11 +170,29 @@ def _kernel_noise(backend, device, n, seed, offset):
                                                 None, None, 1.0, seed, offset, 1.0, backend)
 
 
+@pytest.fixture(params=backend_devices("lora_linear"), ids=backend_ids)
+def lora_backend_device(request):
+    """The LoRA linear's backends, its hybrid plan (torch.mm base GEMMs) included."""
+    return request.param
+
+
+@pytest.mark.parametrize("backend_device", backend_devices("clip_reduce_noise"), ids=backend_ids)
+def test_noise_of_parameters_that_start_between_philox_calls(backend_device):
+    """The noise of column j is number j mod 4 of call offset + ⌊j/4⌋ whatever the parameter
+    boundaries: chunks that start in the middle of a call (5, 38) still draw the right words."""
+    backend, device = backend_device
+    segments = [0, 5, 38, 1001]
+    empty = torch.zeros(0, segments[-1], device=device)
+    got = torch.ops.lorafast.clip_reduce_noise(empty, torch.zeros(0, 3, device=device), segments, [1.0, 2.0, 3.0],
+                                               True, None, None, 1.0, 77, 3, 1.0, backend)
+    torch.testing.assert_close(got.cpu(), reference.normal_grid(77, 3, 1, segments[-1])[0], rtol=2e-5, atol=2e-5)
+
+
 def test_kernel_noise_equals_reference(backend_device):
     backend, device = backend_device
     for seed, offset in [(0, 0), (2**63 - 25, 2**32 - 100), (987654321, 7 * 2**40)]:
         got = _kernel_noise(backend, device, 3000, seed, offset)
-        ref = reference.philox_normal(seed, torch.arange(3000, dtype=torch.int64) + offset)
+        ref = reference.normal_grid(seed, offset, 1, 3000)[0]
         torch.testing.assert_close(got.cpu(), ref, rtol=2e-5, atol=2e-5)
 
 

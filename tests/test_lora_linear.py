@@ -3,8 +3,14 @@ import pytest
 import torch
 
 import lorafast
-from conftest import assert_close, rel_err
+from conftest import assert_close, backend_devices, backend_ids, rel_err
 from helpers import DTYPES, baseline_forward, fresh_seed, leaves, make_params, make_x, truth
+
+
+@pytest.fixture(params=backend_devices("lora_linear"), ids=backend_ids)
+def backend_device(request):
+    """Every backend of the LoRA linear, the hybrid plan (torch.mm base GEMMs) included."""
+    return request.param
 
 SHAPES = [  # (x layout, in, out, r, bias, bias trains)
     ("2d", 33, 47, 3, True, True),
@@ -211,3 +217,31 @@ def test_bf16_at_model_size_on_gpu(r):
     assert_close("y", y, y_ref, y_base, dtype)
     for name, g in grads.items():
         assert_close(f"d{name}", g, g_ref[name], g_base[name], dtype)
+
+
+@pytest.mark.parametrize("rows", [10, 40], ids=["split-K", "row-blocks"])
+@pytest.mark.parametrize("variant", ["lora", "xs"])
+def test_projection_reductions_split_k_and_staggered(rows, variant):
+    """The projection's reductions (h, dA, dB, dR, dbias) when K is split over programs (few
+    rows: OUT summed with atomics) and when each program starts its K walk at a different
+    tile: K = 100 is four interpreted tiles, the last one partial. fp32, with dropout, against
+    the float64 reference (the same mask)."""
+    if "triton" not in lorafast.available_backends() or torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter (on a GPU the block sizes differ)")
+    from lorafast.kernels import lora_linear as K
+    bm, bk, splits = K._project_grid(rows, 100, per_sample=0, r_pad=16, can_split=variant == "lora", device=None)
+    assert (splits > 1) == (rows == 10 and variant == "lora") and triton_tiles(100, bk) == 4
+    fresh_seed()
+    x = torch.randn(rows, 100, requires_grad=True)
+    p = make_params(100, 24, 3, torch.float32, "cpu", variant=variant, bias=True, bias_grad=True)
+    gy = torch.randn(rows, 24)
+    fn = lorafast_fn("triton", 0.5, dropout_p=0.2, seed=1234)
+    y, grads = run(fn, x, p, gy)
+    y_ref, g_ref = truth(x, p, 0.5, gy, dropout_p=0.2, seed=1234)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, g in grads.items():
+        assert rel_err(g, g_ref[name]) < 1e-5, name
+
+
+def triton_tiles(k, bk):
+    return -(-k // bk)

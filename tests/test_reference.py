@@ -22,21 +22,73 @@ def test_philox_known_answers(ctr, key, expected):
     assert tuple(w.item() for w in words) == expected
 
 
-def test_philox_matches_triton_kernels():
-    """The kernels' counter mapping equals the reference's, 64-bit counters and seeds included."""
+def _triton_grid(draw_normal, seed, offset, M, N, BM=4, BN=16):
+    import triton
+    from triton_probes import draw_grid
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.empty(M, N, device=device)
+    draw_grid[(triton.cdiv(M, BM), triton.cdiv(N, BN))](out, seed, offset, M, N, BM=BM, BN=BN, NORMAL=draw_normal)
+    return out.cpu()
+
+
+CASES = [(0, 0), (2**63 - 25, 2**32 - 3), (123456789, 7 * 2**40)]
+
+
+@pytest.mark.parametrize("seed,offset", CASES)
+def test_philox_grid_matches_triton_kernels(seed, offset):
+    """The kernels' mapping equals the reference's (uniforms bit for bit, normals to a few ulp),
+    64-bit call counters and seeds included; 37 columns leave a partial call at each row's end."""
     if "triton" not in lorafast.available_backends():
         pytest.skip("triton not installed")
-    from triton_probes import draw_uniform as draw
+    assert torch.equal(_triton_grid(False, seed, offset, 5, 37), reference.uniform_grid(seed, offset, 5, 37))
+    torch.testing.assert_close(_triton_grid(True, seed, offset, 5, 37), reference.normal_grid(seed, offset, 5, 37),
+                               rtol=2e-6, atol=2e-6)
+
+
+def test_triton_dropout_keep_matches_reference():
+    if "triton" not in lorafast.available_backends():
+        pytest.skip("triton not installed")
+    import triton
+    from triton_probes import draw_keep
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for seed, base in [(0, 0), (2**63 - 25, 2**32 - 100), (123456789, 7 * 2**40)]:
-        out = torch.empty(300, device=device)
-        draw[(3,)](out, seed, base, 300, BLOCK=128)
-        ref = reference.philox_uniform(seed, torch.arange(300, dtype=torch.int64) + base)
-        assert torch.equal(out.cpu(), ref), (seed, base)
+    out = torch.empty(9, 45, device=device, dtype=torch.int8)
+    draw_keep[(triton.cdiv(9, 4), triton.cdiv(45, 16))](out, 77, 5, 9, 45, 0.3, BM=4, BN=16)
+    assert torch.equal(out.cpu().bool(), reference.dropout_keep(77, 5, 9, 45, 0.3))
+
+
+def test_every_philox_word_is_used_once():
+    """Element (m, k) takes word k mod 4 of call offset + m⌈K/4⌉ + ⌊k/4⌋: the uniforms of a
+    tensor are the four words of consecutive calls, row after row, with no call reused."""
+    seed, offset, M, K = 99, 13, 3, 10
+    calls = torch.arange(reference.philox_calls(M, K)) + offset
+    words = torch.stack(reference.philox4x32(seed, calls), dim=-1)        # (calls, 4)
+    u = (words >> 8).to(torch.float32) / 2**24
+    grid = reference.uniform_grid(seed, offset, M, K)
+    assert reference.philox_calls(M, K) == M * 3
+    assert torch.equal(grid, u.view(M, 12)[:, :K])
+    # the next draw starts where this one ended: no overlap
+    nxt = reference.uniform_grid(seed, offset + reference.philox_calls(M, K), 1, 4)
+    assert torch.equal(nxt[0], reference.philox_uniform4(seed, torch.tensor(offset + 9)))
+
+
+def test_normals_use_both_box_muller_branches():
+    """The four normals of a call are ρ₀₁(cos θ₀₁, sin θ₀₁) and ρ₂₃(cos θ₂₃, sin θ₂₃)."""
+    calls = torch.arange(1000) + 2**33
+    x0, x1, x2, x3 = (w.double() for w in reference.philox4x32(5, calls))
+    z = reference.philox_normal4(5, calls).double()
+    for (a, b), cols in (((x0, x1), (0, 1)), ((x2, x3), (2, 3))):
+        rho = torch.sqrt(-2 * torch.log((a + 1) * 2.0**-32))
+        theta = 2 * torch.pi * torch.floor(b / 256) * 2.0**-24
+        torch.testing.assert_close(z[:, cols[0]], rho * torch.cos(theta), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z[:, cols[1]], rho * torch.sin(theta), rtol=1e-5, atol=1e-5)
+    # cos and sin of the same angle are uncorrelated, and each column is standard normal
+    zz = reference.normal_grid(2**40 + 3, 0, 1, 400_000)[0].double().view(-1, 4)
+    assert (zz.mean(0).abs() < 6 / 316).all() and ((zz.std(0) - 1).abs() < 0.01).all()
+    assert abs(torch.corrcoef(zz.T)[0, 1].item()) < 0.01 and abs(torch.corrcoef(zz.T)[2, 3].item()) < 0.01
 
 
 def test_uniforms_look_uniform():
-    u = reference.philox_uniform(2**40 + 3, torch.arange(200_000))
+    u = reference.uniform_grid(2**40 + 3, 0, 1, 200_000)
     assert 0 <= u.min() and u.max() < 1
     hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
     assert (hist - 0.1).abs().max() < 0.005

@@ -2,13 +2,28 @@
 import triton
 import triton.language as tl
 
-from lorafast.kernels.random import philox_uniform
+from lorafast.kernels.random import dropout_keep, normals, row_calls, uniforms
 
 
 @triton.jit
-def draw_uniform(out, seed, base, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out + i, philox_uniform(seed, base + i.to(tl.int64)), mask=i < n)
+def draw_grid(out, seed, offset, M, N, BM: tl.constexpr, BN: tl.constexpr, NORMAL: tl.constexpr):
+    """The uniforms (or normals) of a row-major (M, N) tensor, tile by tile."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    calls = row_calls(offset, rm, tl.program_id(1) * BN, N, BN)
+    if NORMAL:
+        v = normals(seed, calls)
+    else:
+        v = uniforms(seed, calls)
+    tl.store(out + rm[:, None] * N + rn[None, :], v, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def draw_keep(out, seed, offset, M, N, p, BM: tl.constexpr, BN: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    keep = dropout_keep(seed, offset, rm, tl.program_id(1) * BN, N, p, BN)
+    tl.store(out + rm[:, None] * N + rn[None, :], keep.to(tl.int8), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _backend
+from .. import _backend, reference
 from .grad_sample import GradSampleStore
 from .noise import os_seed, secure_standard_normal
 
@@ -60,7 +60,7 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size = float(expected_batch_size)
         self.secure_mode = secure_mode
         self.noise_seed = os_seed() if noise_seed is None else int(noise_seed)
-        self._noise_offset = 0              # Philox counters used so far; never reused
+        self._noise_offset = 0              # Philox calls used so far; never reused
         self._summed: Optional[Tensor] = None
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=store.device)
         self._step_hooks: list[Callable[["DPOptimizer"], None]] = []
@@ -131,7 +131,7 @@ class DPOptimizer(Optimizer):
         flat = torch.ops.lorafast.clip_reduce_noise(
             buf, sq, store.segments, self._bounds, self.per_layer, self._summed, noise, std,
             self.noise_seed, self._noise_offset, 1.0 / (self.expected_batch_size * world), self._backend())
-        self._noise_offset += store.width
+        self._noise_offset += reference.philox_calls(1, store.width)
         if world > 1:
             dist.all_reduce(flat)
         return flat
