@@ -1,11 +1,20 @@
 """Which backends exist here and which one an op uses.
 
+Backends: "torch" (the reference), "triton" (lorafast's Triton kernels, the LoRA linear's
+base GEMMs included: fully fused), "hybrid" (the LoRA linear's base GEMMs x·Wᵀ and dY·W
+on cuBLAS through torch.mm, every rank-r pass in the Triton kernels; for the other ops,
+which have no base GEMM, the same as "triton") and "cuda" (the CUDA C++ kernels, around
+cuBLAS GEMMs).
+
 Order of precedence: the op's ``backend=`` argument, then ``set_backend`` /
 ``use_backend``, then the ``LORAFAST_BACKEND`` environment variable, then
-automatic selection. Automatic selection picks the fastest backend that is
-correct for the tensors' device and dtype, and never the Triton interpreter:
-on CPU it picks "torch"; on a GPU, of "triton" and "cuda", the one measured
-faster for the nearest recorded shape (lorafast._selection), else "triton".
+automatic selection. Automatic selection never picks the Triton interpreter: on CPU
+it picks "torch". On a GPU it picks the fastest kernel backend measured for that GPU
+at the nearest recorded shape (lorafast._selection: tables shipped in lorafast/tuning/
+and the user's own). Without a measurement, the LoRA linear takes "hybrid": its base
+GEMMs are then cuBLAS, as PEFT's are, so it cannot lose to PEFT on the work that
+dominates a step; the fully fused "triton" plan and "cuda" are chosen only when asked
+for or measured faster. The other ops take "triton".
 """
 from __future__ import annotations
 
@@ -20,7 +29,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "hybrid", "cuda")
+BASE_GEMM_OPS = frozenset({"lora_linear"})   # the ops with base GEMMs for "hybrid" to hand to cuBLAS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _override: Optional[str] = None
 
@@ -89,7 +99,8 @@ def cuda_status() -> tuple[bool, str]:
 
 
 def available_backends() -> list[str]:
-    """Backends usable here; always includes "torch"."""
+    """The kernel families usable here: always "torch", and "triton", "cuda" where usable.
+    "hybrid" (the Triton kernels around cuBLAS base GEMMs) is usable wherever "triton" is."""
     out = ["torch"]
     if triton_status()[0]:
         out.append("triton")
@@ -154,31 +165,47 @@ def _cuda_usable() -> bool:
 
 
 def _measured_choice(op: str, device: torch.device, dtype: torch.dtype, shape: Sequence[int],
-                     triton_ok: bool) -> Optional[str]:
-    """The faster GPU backend for this shape by the recorded timings, or None without any."""
+                     triton_ok: bool) -> Optional[tuple[str, str]]:
+    """(backend, why) of the faster GPU backend for this shape by the recorded timings, or
+    None without any."""
     from . import _cuda, _selection
-    candidates = (["triton"] if triton_ok else []) + (["cuda"] if op in _cuda.OPS and dtype in KERNEL_DTYPES else [])
+    candidates = (["triton"] if triton_ok else []) + (["hybrid"] if triton_ok and op in BASE_GEMM_OPS else []) \
+        + (["cuda"] if op in _cuda.OPS and dtype in KERNEL_DTYPES else [])
     if not candidates:
         return None
-    best = _selection.fastest(_gpu_name(device.index), op, str(dtype).removeprefix("torch."), shape, candidates)
+    gpu = _gpu_name(device.index)
+    # a measured choice must have beaten the default it replaces ("hybrid" for the LoRA linear)
+    must = ["hybrid"] if "hybrid" in candidates else []
+    found = _selection.nearest(gpu, op, str(dtype).removeprefix("torch."), shape, candidates, must)
+    if found is None:
+        return None
+    near, ms = found
+    best = min(ms, key=ms.get)
     if best == "cuda" and not _cuda_usable():
         return None
-    return best
+    times = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(ms.items(), key=lambda kv: kv[1]))
+    return best, f"measured fastest on {gpu} at the nearest recorded shape {tuple(near)}: {times}"
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
-           shape: Optional[Sequence[int]] = None) -> str:
-    """Resolve the backend for ``op`` on tensors of this device and dtype; ``shape`` (the op's
-    size features, e.g. (M, in, out, r) for the LoRA linear) lets automatic selection use
-    the timings recorded for the nearest shape."""
-    name = requested(backend)
+def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+           shape: Optional[Sequence[int]] = None) -> tuple[str, str]:
+    """(backend, why): ``select``'s answer and the reason for it, as ``lorafast env`` shows."""
+    name = _check_name(backend, "backend")
+    source = "backend= argument"
+    if name is None and _override is not None:
+        name, source = _override, "set_backend / use_backend"
+    if name is None:
+        name = _check_name(os.environ.get("LORAFAST_BACKEND"), "LORAFAST_BACKEND")
+        source = "LORAFAST_BACKEND"
     if name == "torch":
-        return name
-    if name == "triton":
+        return name, f"asked for ({source})"
+    if name in ("triton", "hybrid"):
         why = _triton_supports(device, dtype)
         if why is not None:
-            raise ValueError(f"{op}: backend='triton' cannot run here: {why}")
-        return name
+            raise ValueError(f"{op}: backend={name!r} cannot run here: {why}")
+        if name == "hybrid" and op not in BASE_GEMM_OPS:
+            return "triton", f"asked for hybrid ({source}); {op} has no base GEMM, so its Triton kernel"
+        return name, f"asked for ({source})"
     if name == "cuda":
         from . import _cuda
         usable, why = cuda_status()
@@ -191,17 +218,30 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
             raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type}")
         if dtype not in KERNEL_DTYPES:
             raise ValueError(f"{op}: the CUDA kernels take float32, float16 or bfloat16, not {dtype}")
-        return name
+        return name, f"asked for ({source})"
     # automatic: the interpreter is for testing, never picked on its own
-    if device.type == "cuda":
-        triton_ok = _triton_supports(device, dtype) is None
-        if shape is not None:
-            best = _measured_choice(op, device, dtype, shape, triton_ok)
-            if best is not None:
-                return best
-        if triton_ok:
-            return "triton"
-    return "torch"
+    if device.type != "cuda":
+        return "torch", f"{device.type} tensors: the reference (Triton on CPU is only its interpreter, for tests)"
+    why_not = _triton_supports(device, dtype)
+    triton_ok = why_not is None
+    if shape is not None:
+        best = _measured_choice(op, device, dtype, shape, triton_ok)
+        if best is not None:
+            return best
+    if not triton_ok:
+        return "torch", f"the reference: Triton cannot run here ({why_not})"
+    if op in BASE_GEMM_OPS:
+        return "hybrid", (f"no measured table for {_gpu_name(device.index)}: base GEMMs on cuBLAS (as PEFT's), "
+                          f"rank-r work in the Triton kernels")
+    return "triton", "the Triton kernel (the default GPU backend for ops without base GEMMs)"
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+           shape: Optional[Sequence[int]] = None) -> str:
+    """Resolve the backend for ``op`` on tensors of this device and dtype; ``shape`` (the op's
+    size features, e.g. (M, in, out, r) for the LoRA linear) lets automatic selection use
+    the timings recorded for the nearest shape. See ``choose`` for the reasons."""
+    return choose(op, device, dtype, backend, shape)[0]
 
 
 def cuda_ops():
@@ -212,12 +252,14 @@ def cuda_ops():
 
 
 def lora_linear_kernels(backend: str, device: torch.device):
-    """The LoRA linear plan of a kernel backend: kernels/lora_linear.py for "triton",
-    _cuda_lora.py over the lorafast_cuda ops for "cuda". Both have the same functions."""
+    """The LoRA linear plan of a kernel backend: kernels/lora_linear.py for "triton" (fully
+    fused), its ``HYBRID`` plan for "hybrid" (cuBLAS base GEMMs), _cuda_lora.py over the
+    lorafast_cuda ops for "cuda". All have the same functions."""
     if backend == "cuda":
         cuda_ops()
         return importlib.import_module("lorafast._cuda_lora")
-    return triton_kernels(device)
+    kernels = triton_kernels(device)
+    return kernels.HYBRID if backend == "hybrid" else kernels
 
 
 def triton_kernels(device: torch.device, family: str = "lora_linear"):

@@ -2,8 +2,9 @@
 
 Each op's body runs the backend named by its ``backend`` argument (resolved by
 ``lorafast._backend.select`` before the call): "torch" is the reference in
-reference.py, "triton" the kernels in lorafast.kernels, "cuda" the lorafast_cuda ops
-of csrc/ (composed with cuBLAS GEMMs in _cuda_lora.py for the LoRA linear). Fake kernels make the
+reference.py, "triton" the kernels in lorafast.kernels, "hybrid" the same with the LoRA
+linear's base GEMMs on cuBLAS, "cuda" the lorafast_cuda ops of csrc/ (composed with cuBLAS
+GEMMs in _cuda_lora.py for the LoRA linear). Fake kernels make the
 ops traceable by torch.compile; autograd is registered on the forward op and
 calls the backward op.
 """
@@ -16,6 +17,9 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
+
+KERNEL_BACKENDS = ("triton", "hybrid", "cuda")
+TRITON_BACKENDS = ("triton", "hybrid")     # "hybrid" differs from "triton" only in the LoRA linear's base GEMMs
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -31,7 +35,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                     bias: Optional[Tensor], lora_R: Optional[Tensor], scaling: float,
                     dropout_p: float, seed: int, offset: int, backend: str) -> tuple[Tensor, Tensor]:
     """(y, h): y = x Wᵀ + b + s·drop(x)Aᵀ(Rᵀ)Bᵀ in x's dtype; h = drop(x)Aᵀ (M, r) fp32 for backward."""
-    if backend in ("triton", "cuda"):
+    if backend in KERNEL_BACKENDS:
         kernels = _backend.lora_linear_kernels(backend, x.device)
         y, h = kernels.lora_linear_forward(_rows(x), weight, lora_A, lora_B, bias, lora_R,
                                            scaling, dropout_p, seed, offset)
@@ -56,7 +60,7 @@ def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dR, dbias); an entry whose ``needs`` flag is False is an empty tensor."""
     needs_t = tuple(bool(n) for n in needs)
-    if backend in ("triton", "cuda"):
+    if backend in KERNEL_BACKENDS:
         kernels = _backend.lora_linear_kernels(backend, x.device)
         grads = kernels.lora_linear_backward(_rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h,
                                              scaling, dropout_p, seed, offset, needs_t)
@@ -116,7 +120,7 @@ def lora_linear_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor
     """The backward of ``lora_linear_fwd`` with per-sample adapter gradients: returns dx (empty
     unless ``need_x``) and adds ps_scale × each sample's gradient into the fp32 buffers
     ps_A (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained)."""
-    if backend in ("triton", "cuda"):
+    if backend in KERNEL_BACKENDS:
         kernels = _backend.lora_linear_kernels(backend, x.device)
         dx = kernels.lora_linear_per_sample_backward(
             _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
@@ -148,7 +152,7 @@ def _(grad_y, x, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, of
 def grad_sample_norms(grad_sample: Tensor, segments: list[int], backend: str) -> Tensor:
     """(N, P) fp32 squared norms of each sample's gradient of each parameter; grad_sample (N, D)
     holds parameter p in columns [segments[p], segments[p+1])."""
-    if backend == "triton":
+    if backend in TRITON_BACKENDS:
         return _backend.triton_kernels(grad_sample.device, "dp").grad_sample_sq_norms(grad_sample, segments)
     if backend == "cuda":
         return _backend.cuda_ops().grad_sample_norms(grad_sample, segments)
@@ -167,7 +171,7 @@ def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int]
     """(D,) fp32 ``(acc + Σᵢ cᵢ gᵢ + std·ξ) · out_scale``; see ``reference.clip_reduce_noise``."""
     kw = dict(per_layer=per_layer, acc=acc, noise=noise, noise_std=noise_std, seed=seed, offset=offset,
               out_scale=out_scale)
-    if backend == "triton":
+    if backend in TRITON_BACKENDS:
         kernels = _backend.triton_kernels(grad_sample.device, "dp")
         return kernels.clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, **kw)
     if backend == "cuda":
@@ -188,7 +192,7 @@ def _(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_s
 @torch.library.custom_op("lorafast::fedex_merge_", mutates_args=("weight", "compensation"))
 def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Tensor], backend: str) -> None:
     """W += U V in place (fp32 accumulation), carrying rounding in ``compensation`` when given."""
-    if backend == "triton":
+    if backend in TRITON_BACKENDS:
         _backend.triton_kernels(weight.device, "fedex").fedex_merge_(weight, U, V, compensation)
     elif backend == "cuda":
         _backend.cuda_ops().fedex_merge_(weight, U, V, compensation)
@@ -208,7 +212,7 @@ def _(weight, U, V, compensation, backend):
 def privatize(h: Tensor, clip_norm: float, noise_std: float, mode: str, seed: int, offset: int,
               backend: str) -> tuple[Tensor, Tensor]:
     """(y, sq): y = clip(h) + noise_std·ξ in h's dtype, sq the clipped rows' squared norms."""
-    if backend == "triton":
+    if backend in TRITON_BACKENDS:
         return _backend.triton_kernels(h.device, "split").privatize(h, clip_norm, noise_std, mode, seed, offset)
     if backend == "cuda":
         return _backend.cuda_ops().privatize(h, clip_norm, noise_std, mode, seed, offset)

@@ -1,12 +1,13 @@
-"""Automatic choice between the two GPU kernel backends ("triton", "cuda") from measured
-timings, per op, GPU, dtype and shape.
+"""Automatic choice between the GPU kernel backends ("hybrid", "triton", "cuda") from
+measured timings, per op, GPU, dtype and shape.
 
-The benchmarks (bench/bench_lora_linear.py, bench/bench_noise.py) time both backends on
+The benchmarks (bench/bench_lora_linear.py, bench/bench_noise.py) time the backends on
 the same inputs and record each shape's medians in a table: the user's, at
 ``$LORAFAST_BACKEND_TABLE`` or ``<cache>/backend_table.json`` (cache: ``$LORAFAST_CACHE_DIR``
 or ``~/.cache/lorafast``), read together with any tables shipped in ``lorafast/tuning/``.
 An op asks for the entry of its GPU, op and dtype whose shape is nearest (in log scale) to
-its own and takes that entry's faster backend. With no entry it keeps the default, Triton.
+its own and takes that entry's fastest backend. With no entry it keeps the default
+(lorafast._backend: "hybrid" for the LoRA linear, "triton" for the other ops).
 """
 from __future__ import annotations
 
@@ -57,14 +58,28 @@ def _distance(a: Sequence[int], b: Sequence[int]) -> float:
     return sum(abs(math.log(max(x, 1) / max(y, 1))) for x, y in zip(a, b))
 
 
-def fastest(gpu: str, op: str, dtype: str, shape: Sequence[int], candidates: Sequence[str]) -> Optional[str]:
-    """The measured-fastest of ``candidates`` at the nearest recorded shape, or None."""
-    entries = [(s, ms) for s, ms in _index().get((gpu, op, dtype), ()) if len(s) == len(shape)
-               and all(c in ms for c in candidates)]
+def nearest(gpu: str, op: str, dtype: str, shape: Sequence[int], candidates: Sequence[str],
+            must: Sequence[str] = ()) -> Optional[tuple[tuple[int, ...], dict[str, float]]]:
+    """(shape, {backend: ms}) of the recorded entry nearest to ``shape`` among those that time
+    at least two of ``candidates`` (only those are returned) and every backend in ``must``
+    (the default, which a choice must have been measured against), or None."""
+    entries = []
+    for s, ms in _index().get((gpu, op, dtype), ()):
+        timed = {c: ms[c] for c in candidates if c in ms}
+        if len(s) == len(shape) and len(timed) >= min(2, len(candidates)) and all(m in timed for m in must):
+            entries.append((s, timed))
     if not entries:
         return None
-    _, ms = min(entries, key=lambda e: _distance(e[0], shape))
-    return min(candidates, key=lambda c: ms[c])
+    return min(entries, key=lambda e: _distance(e[0], shape))
+
+
+def fastest(gpu: str, op: str, dtype: str, shape: Sequence[int], candidates: Sequence[str]) -> Optional[str]:
+    """The measured-fastest of ``candidates`` at the nearest recorded shape, or None."""
+    found = nearest(gpu, op, dtype, shape, candidates)
+    if found is None:
+        return None
+    ms = found[1]
+    return min(ms, key=ms.get)
 
 
 def record(gpu: str, op: str, dtype: str, shape: Sequence[int], ms: dict[str, float],

@@ -112,13 +112,38 @@ def env_lines() -> list[str]:
                  f"ninja: {'found' if shutil.which('ninja') else 'not found'}")
     lines.append("backends:")
     lines.append("  torch   available: the float64-capable reference (lorafast/reference.py)")
-    for name in ("triton", "cuda"):
-        usable, why = getattr(_backend, f"{name}_status")()
+    for name in ("triton", "hybrid", "cuda"):
+        usable, why = getattr(_backend, f"{'triton' if name == 'hybrid' else name}_status")()
+        if name == "hybrid" and usable:
+            why = "the LoRA linear's base GEMMs on cuBLAS (torch.mm), its rank-r work in the Triton kernels"
         lines.append(f"  {name:<7} {'available' if usable else 'unavailable'}: {why}")
     table = _selection.user_table_path()
     n = sum(len(v) for v in _selection._index().values())
-    lines.append(f"automatic selection: {n} measured shape(s) from lorafast/tuning/ and {table}"
-                 f"{'' if table.exists() else ' (absent: Triton is the GPU default)'}")
+    lines.append(f"measured tables: {n} shape(s) from lorafast/tuning/ and {table}"
+                 f"{'' if table.exists() else ' (absent)'}")
+    lines += op_paths()
+    return lines
+
+
+# the ops and the size features their choice is made at (the LoRA linear: 4096², r=16, 8192 rows)
+OP_SHAPES = {"lora_linear": (8192, 4096, 4096, 16), "grad_sample_norms": None, "clip_reduce_noise": None,
+             "fedex_merge": None, "privatize": (2**24,)}
+
+
+def op_paths() -> list[str]:
+    """Which backend each op takes here (bf16 on the GPU when there is one) and why."""
+    from . import _backend
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lines = [f"each op's path ({str(dtype).removeprefix('torch.')} tensors on {device}; the LoRA linear at "
+             f"(M, in, out, r) = {OP_SHAPES['lora_linear']}):"]
+    for op, shape in OP_SHAPES.items():
+        op_dtype = torch.float32 if op in ("grad_sample_norms", "clip_reduce_noise") else dtype
+        try:
+            name, why = _backend.choose(op, device, op_dtype, None, shape)
+        except (ValueError, RuntimeError) as e:
+            name, why = "error", str(e)
+        lines.append(f"  {op:<18} {name:<7} {why}")
     return lines
 
 

@@ -149,9 +149,10 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(sms: int) -> Iterator[_Recorder]:
-    """Within this block, kernel launches are recorded instead of run (one per autotune config),
-    and the launchers see ``sms`` streaming multiprocessors."""
+def _recording(sms: int, smem: int) -> Iterator[_Recorder]:
+    """Within this block, kernel launches are recorded instead of run (one per autotune config
+    that the tuner's own pruning keeps), and the launchers see ``sms`` streaming
+    multiprocessors and ``smem`` bytes of shared memory per block."""
     import torch
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
@@ -163,18 +164,23 @@ def _recording(sms: int) -> Iterator[_Recorder]:
         rec.launches.append(Launch(self, args, dict(kwargs), rec.current))
 
     def tuned(self, *args, grid=None, warmup=False, **kwargs):
-        for cfg in self.configs:
+        configs = self.configs
+        if getattr(self, "early_config_prune", None):
+            configs = self.early_config_prune(configs, {**dict(zip(self.arg_names, args)), **kwargs})
+        for cfg in configs:
             options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             rec.launches.append(Launch(self.fn, args, {**kwargs, **cfg.kwargs, **options}, rec.current))
 
-    saved = (JITFunction.run, Autotuner.run, lora_linear.sm_count, torch.backends.cuda.matmul.allow_tf32)
+    saved = (JITFunction.run, Autotuner.run, lora_linear.sm_count, lora_linear.smem_limit,
+             torch.backends.cuda.matmul.allow_tf32)
     JITFunction.run, Autotuner.run = run, tuned
     lora_linear.sm_count = lambda device: sms
+    lora_linear.smem_limit = lambda device: smem
     try:
         yield rec
     finally:
-        JITFunction.run, Autotuner.run, lora_linear.sm_count = saved[:3]
-        torch.backends.cuda.matmul.allow_tf32 = saved[3]
+        JITFunction.run, Autotuner.run, lora_linear.sm_count, lora_linear.smem_limit = saved[:4]
+        torch.backends.cuda.matmul.allow_tf32 = saved[4]
 
 
 def _meta(*shape, dtype):
@@ -206,6 +212,9 @@ def _drive_lora(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
                 bias = _meta(n, dtype=dtype) if has_bias else None
                 rec.case(f"lora_linear forward ({tag}, r={r}, R={has_R:d}, bias={has_bias:d}, dropout={p > 0:d})")
                 K.lora_linear_forward(x, W, A, B, bias, R, 0.5, p, SEED, OFFSET)
+                rec.case(f"lora_linear forward, hybrid ({tag}, r={r}, R={has_R:d}, bias={has_bias:d}, "
+                         f"dropout={p > 0:d})")
+                K.HYBRID.lora_linear_forward(x, W, A, B, bias, R, 0.5, p, SEED, OFFSET)
                 for needs in itertools.product((False, True), repeat=5):
                     if not any(needs) or (needs[3] and not has_R) or (needs[4] and not has_bias):
                         continue
@@ -214,6 +223,10 @@ def _drive_lora(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
                     rec.case(f"lora_linear backward ({tag}, r={r}, R={has_R:d}, dropout={p > 0:d}, "
                              f"grads x,A,B,R,bias={''.join(str(int(k)) for k in needs)})")
                     K.lora_linear_backward(gy, x, W, A, B, R, h, 0.5, p, SEED, OFFSET, needs)
+                    if needs[0]:   # the hybrid plan differs only in dx
+                        rec.case(f"lora_linear backward, hybrid ({tag}, r={r}, R={has_R:d}, dropout={p > 0:d}, "
+                                 f"grads x,A,B,R,bias={''.join(str(int(k)) for k in needs)})")
+                        K.HYBRID.lora_linear_backward(gy, x, W, A, B, R, h, 0.5, p, SEED, OFFSET, needs)
                 if not full or not has_bias:   # per-sample gradients never use the bias
                     continue
                 for T in (16, 32, 128):
@@ -272,14 +285,18 @@ def _drive_privatize(rec: _Recorder, dtype) -> None:
             S.privatize(_meta(*shape, dtype=dtype), 1.0, std, mode, SEED, OFFSET)
 
 
-def enumerate_launches(sms: int = SMS["sm_90a"]) -> list[Launch]:
-    """Every distinct kernel launch the launchers make over the public cases, in a fixed order."""
+def enumerate_launches(sms: int = SMS["sm_90a"], smem: Optional[int] = None) -> list[Launch]:
+    """Every distinct kernel launch the launchers make over the public cases, in a fixed order,
+    on a GPU of ``sms`` SMs and ``smem`` bytes of shared memory per block (by default, that of
+    the architecture in SMS with that many SMs)."""
     import torch
     from .kernels.lora_linear import interpreted
     if interpreted():
         raise RuntimeError("the compile check needs Triton's compiler, not its interpreter: run it with "
                            "TRITON_INTERPRET=0 (`lorafast check --compile` does)")
-    with _recording(sms) as rec:
+    if smem is None:
+        smem = next((SMEM_LIMIT[arch] for arch, n in SMS.items() if n == sms), SMEM_LIMIT["sm_90a"])
+    with _recording(sms, smem) as rec:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
                 torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -179,8 +179,10 @@ def targets() -> Iterator[tuple[str, str]]:
 
 def run_checks(progress: Optional[callable] = None) -> list[Row]:
     pairs = list(targets())
-    jobs = [(check_lora_linear, (b, d, dt, c)) for b, d in pairs for dt in TOLERANCES for c in CASES]
-    jobs += [(check_lora_per_sample, (b, d, dt, c)) for b, d in pairs for dt in TOLERANCES for c in PS_CASES]
+    # the LoRA linear also runs its default GPU plan: cuBLAS (torch.mm) base GEMMs, Triton rank-r passes
+    lora_pairs = pairs + [("hybrid", d) for b, d in pairs if b == "triton"]
+    jobs = [(check_lora_linear, (b, d, dt, c)) for b, d in lora_pairs for dt in TOLERANCES for c in CASES]
+    jobs += [(check_lora_per_sample, (b, d, dt, c)) for b, d in lora_pairs for dt in TOLERANCES for c in PS_CASES]
     jobs += [(check_clip_reduce_noise, (b, d, pl)) for b, d in pairs for pl in (False, True)]
     jobs += [(check_fedex_merge, (b, d, dt)) for b, d in pairs for dt in TOLERANCES]
     jobs += [(check_privatize, (b, d, dt, m)) for b, d in pairs for dt in TOLERANCES

@@ -49,10 +49,13 @@ def test_env_names_every_backend_and_why():
     proc = subprocess.run([sys.executable, "-m", "lorafast", "env"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for word in ("torch ", "triton", "cuda", "backends:", "nvcc", "automatic selection"):
+    for word in ("torch ", "triton", "hybrid", "cuda", "backends:", "nvcc", "measured tables", "each op's path"):
         assert word in proc.stdout, word
+    for op in ("lora_linear", "grad_sample_norms", "clip_reduce_noise", "fedex_merge", "privatize"):
+        assert f"  {op} " in proc.stdout, op
     if not torch.cuda.is_available():
         assert "cuda    unavailable:" in proc.stdout
+        assert "cpu tensors: the reference" in proc.stdout
 
 
 # each suite's CSV holds lorafast and at least one real peer or bound measured in the same run

@@ -77,7 +77,8 @@ def _recorded(calls):
 
 def _public_calls():
     """The LoRA op with every combination of which tensors train, lora_R, bias and dropout (fp32;
-    one call per half dtype), its per-sample backward, the DP step, the merge and privatize."""
+    one call per half dtype), its hybrid plan, its per-sample backward, the DP step, the merge
+    and privatize."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, dtype=torch.float32):
@@ -96,6 +97,13 @@ def _public_calls():
                                      dropout_p=0.2 if dropout else 0.0, backend="triton")
             if y.requires_grad:
                 y.sum().backward()
+        for has_R, has_bias, dropout in itertools.product((False, True), repeat=3):   # the hybrid plan's passes
+            x = rand(2, 5, 16, dtype=dtype).requires_grad_(True)
+            A, B = rand(3, 16).requires_grad_(True), rand(9, 3).requires_grad_(True)
+            y = lorafast.lora_linear(x, rand(9, 16, dtype=dtype), A, B, rand(9, dtype=dtype) if has_bias else None,
+                                     lora_R=rand(3, 3) if has_R else None, scaling=0.5,
+                                     dropout_p=0.2 if dropout else 0.0, backend="hybrid")
+            y.sum().backward()
         for has_R, need_x in itertools.product((False, True), repeat=2):
             x, gy = rand(4, 3, 16, dtype=dtype), rand(4, 3, 9, dtype=dtype)
             A, B, R = rand(3, 16), rand(9, 3), rand(3, 3) if has_R else None
