@@ -7,7 +7,9 @@ and B from a forward done once outside the timed region) and full (both). Provid
   peft             PEFT's lora.Linear around that nn.Linear, fp32 adapters over a bf16 base
   eager_chain      the same forward as plain torch ops; stands in for peft when PEFT is absent
   torch_compile    torch.compile of lorafast.reference.lora_linear
-  lorafast-triton  lorafast.lora_linear(..., backend="triton")
+  lorafast-hybrid  lorafast.lora_linear(..., backend="hybrid"): the default on a GPU without a
+                   measured table; base GEMMs on cuBLAS, rank-r passes in the Triton kernels
+  lorafast-triton  lorafast.lora_linear(..., backend="triton"): fully fused (Triton GEMMs)
   lorafast-cuda    lorafast.lora_linear(..., backend="cuda") (csrc/ kernels + cuBLAS GEMMs)
   lorafast-torch   lorafast.lora_linear(..., backend="torch") (the CPU smoke mode's default)
 
@@ -15,9 +17,10 @@ Each timed row has a twin with metric roofline_fraction: the least time the mach
 (roofline_ms: bytes over the copy bandwidth or flops over the bf16 GEMM rate, both measured
 in the same run) over the measured time.
 
-On a GPU, each shape's forward+backward medians of lorafast-triton and lorafast-cuda are
-recorded in the backend table that automatic selection reads (lorafast/_selection.py;
-the user's table, or --table PATH).
+On a GPU, each shape's forward+backward medians of the lorafast kernel backends timed
+(hybrid, triton, cuda) are recorded in the backend table that automatic selection reads
+(lorafast/_selection.py; the user's table, or --table PATH, e.g. lorafast/tuning/<gpu>.json
+to ship it). --quick runs the headline shapes only: in=out=4096, r=16, N=2048 and 8192.
 
     python bench/bench_lora_linear.py [--quick] [--out PATH] [--providers ...] [--device cuda|cpu]
 
@@ -47,9 +50,10 @@ import common  # noqa: E402
 
 KERNEL = "lora_linear"
 MODES = ("forward", "backward", "full")
-ALL_PROVIDERS = ("frozen_linear", "peft", "eager_chain", "torch_compile", "lorafast-triton", "lorafast-cuda",
-                 "lorafast-torch")
-GPU_PROVIDERS = ("frozen_linear", "peft", "torch_compile", "lorafast-triton", "lorafast-cuda")
+ALL_PROVIDERS = ("frozen_linear", "peft", "eager_chain", "torch_compile", "lorafast-hybrid", "lorafast-triton",
+                 "lorafast-cuda", "lorafast-torch")
+GPU_PROVIDERS = ("frozen_linear", "peft", "torch_compile", "lorafast-hybrid", "lorafast-triton", "lorafast-cuda")
+KERNEL_BACKENDS = ("hybrid", "triton", "cuda")   # the choices automatic selection weighs
 CPU_PROVIDERS = ("frozen_linear", "peft", "lorafast-torch")
 MAX_REL_ERR = 2e-2
 ACT_DTYPE = torch.bfloat16
@@ -70,7 +74,7 @@ class Shape:
 
 FULL_SHAPES = [Shape(i, o, r, n) for i, o in ((4096, 4096), (4096, 14336)) for r in (16, 64)
                for n in (512, 2048, 8192)]
-QUICK_SHAPES = [Shape(4096, 4096, 16, 512)]
+QUICK_SHAPES = [Shape(4096, 4096, 16, 2048), Shape(4096, 4096, 16, 8192)]
 CPU_SHAPES = [Shape(64, 96, 4, 32)]
 
 
@@ -197,7 +201,8 @@ def build_lorafast(backend: str) -> Callable[[Inputs], Case]:
 
 
 BUILDERS = {"frozen_linear": build_frozen, "peft": build_peft, "eager_chain": build_eager_chain,
-            "torch_compile": build_compile, "lorafast-triton": build_lorafast("triton"),
+            "torch_compile": build_compile, "lorafast-hybrid": build_lorafast("hybrid"),
+            "lorafast-triton": build_lorafast("triton"),
             "lorafast-cuda": build_lorafast("cuda"), "lorafast-torch": build_lorafast("torch")}
 
 
@@ -317,27 +322,47 @@ def print_table(p50s: dict, providers: list[str]) -> None:
             cells.append(f"{b / o:.2f}x" if b and o else "-")
         lines.append(cells)
     print("\n" + common.format_rows(head, lines))
+    for (label, mode), by in p50s.items():
+        if mode == "full":
+            for line in targets(by):
+                print(f"{label}: {line}")
+
+
+# (provider, what it is compared with, the most it may take relative to that)
+TARGETS = (("lorafast-hybrid", "frozen_linear", 1.10), ("lorafast-hybrid", "peft", 1.0),
+           ("lorafast-triton", "frozen_linear", 1.05))
+
+
+def targets(by: dict) -> list[str]:
+    """The forward+backward targets this shape's medians meet or miss."""
+    out = []
+    for ours, base, most in TARGETS:
+        if ours in by and base in by:
+            ratio = by[ours] / by[base]
+            out.append(f"{ours} / {base} = {ratio:.3f} (target <= {most:.2f}): {'met' if ratio <= most else 'MISSED'}")
+    return out
 
 
 def record_backends(p50s: dict, gpu: str, table: Optional[Path]) -> None:
-    """Each shape's faster kernel backend (forward+backward) into the automatic-selection table."""
+    """Each shape's forward+backward medians of the kernel backends timed (at least two) into
+    the automatic-selection table."""
     from lorafast import _selection
     path = None
     for (label, mode), by in p50s.items():
-        if mode != "full" or "lorafast-triton" not in by or "lorafast-cuda" not in by:
+        ms = {b: by[f"lorafast-{b}"] for b in KERNEL_BACKENDS if f"lorafast-{b}" in by}
+        if mode != "full" or len(ms) < 2:
             continue
         shape = next(s for s in FULL_SHAPES + QUICK_SHAPES if s.label == label)
-        ms = {"triton": by["lorafast-triton"], "cuda": by["lorafast-cuda"]}
         path = _selection.record(gpu, "lora_linear", str(ACT_DTYPE).removeprefix("torch."),
                                  (shape.n, shape.in_f, shape.out_f, shape.r), ms, table)
-        common.log(f"{label:34s} faster backend: {min(ms, key=ms.get)} (triton {ms['triton']:.4f} ms, "
-                   f"cuda {ms['cuda']:.4f} ms, cuda/triton {ms['cuda'] / ms['triton']:.2f})")
+        times = ", ".join(f"{b} {t:.4f} ms" for b, t in ms.items())
+        common.log(f"{label:34s} fastest backend: {min(ms, key=ms.get)} ({times})")
     if path is not None:
         print(f"recorded the backend choice per shape in {path}")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    return common.parse_cli(argv, __doc__, KERNEL, "only in=out=4096, r=16, N=512", ALL_PROVIDERS,
+    return common.parse_cli(argv, __doc__, KERNEL, "only in=out=4096, r=16, N=2048 and 8192", ALL_PROVIDERS,
                             f"default {' '.join(GPU_PROVIDERS)} (on cpu: {' '.join(CPU_PROVIDERS)})", table=True)
 
 

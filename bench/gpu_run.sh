@@ -1,38 +1,64 @@
 #!/usr/bin/env bash
-# One pass on a GPU machine, from a source checkout whose Python has torch (with CUDA),
-# Triton, nvcc and ninja: build the CUDA extension just in time and then ahead of time,
-# run the GPU tests and the CUDA backend's op tests, then the kernel benchmarks.
-# Logs, CSVs and the measured backend table go to $OUT (default bench/results/).
-#   bash bench/gpu_run.sh [--quick]
+# A GPU machine's pass over lorafast, in two stages that each fit a short slot (≤ 7 minutes on
+# an H100/H200), run from a source checkout whose Python has CUDA torch, Triton, nvcc and ninja:
+#   a  one JIT build of the CUDA extension, the GPU tests, and `lorafast check` on the GPU
+#   b  the headline benchmarks, bf16 forward+backward: the LoRA linear at 4096², r=16, N=2048
+#      and 8192 (nn.Linear, PEFT, and lorafast's hybrid, fused and CUDA plans), the DP step,
+#      the FedEx merge at k=16, and the noise kernel
+# Each stage prints its time. Logs and CSVs go to bench/results/<gpu>/ ($OUT overrides), and the
+# measured backend table to lorafast/tuning/<gpu>.json, which automatic selection then ships.
+#   bash bench/gpu_run.sh a|b        (no argument: a, then b)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${OUT:-bench/results}
-QUICK=${1:-}
-mkdir -p "$OUT_DIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export LORAFAST_CACHE_DIR=${LORAFAST_CACHE_DIR:-$PWD/.lorafast-cache}
-GPU=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-LOG=$OUT_DIR/gpu_run_$GPU.log
-step() { echo; echo "=== $*"; }
-{
+GPU_NAME=$(python -c "import torch; print(torch.cuda.get_device_name())") || { echo "no GPU visible" >&2; exit 1; }
+GPU=$(python -c "import re, sys; print(re.sub(r'[^a-z0-9]+', '-', sys.argv[1].lower()).strip('-'))" "$GPU_NAME")
+OUT_DIR=${OUT:-bench/results/$GPU}
+TABLE=lorafast/tuning/$GPU.json
+mkdir -p "$OUT_DIR" lorafast/tuning
+STAGES=${1:-ab}
+status=0     # any failed step fails the stage (and the script), after the rest has run
+step() { echo; echo "=== $* ($(date +%T))"; }
+run() { "$@" || { status=1; echo "FAILED ($?): $*"; }; }
+
+stage_a() {
   step "machine"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  step "JIT build (torch.utils.cpp_extension.load, ninja)"
+  step "JIT build of the CUDA extension (torch.utils.cpp_extension.load, ninja)"
   rm -f lorafast/_C*.so
-  time python -c "from lorafast import _cuda; _cuda.load(); print('loaded', _cuda._loaded)"
-  step "ahead-of-time build (setup.py build_ext --inplace)"
-  time python setup.py -q build_ext --inplace 2>&1 | tail -5
-  python -c "from lorafast import _cuda; _cuda.load(); print('loaded', _cuda._loaded)"
+  run python -c "from lorafast import _cuda; _cuda.load(); print('loaded', _cuda._loaded)"
   step "GPU tests"
-  python -m pytest -q -m gpu tests -p no:cacheprovider
-  step "op tests, CUDA backend on the GPU"
-  python -m pytest -q -k "cuda-cuda" -p no:cacheprovider tests/test_lora_linear.py tests/test_dp_kernels.py \
-    tests/test_split_privatize.py tests/test_federated.py tests/test_api.py tests/test_layers.py
+  run python -m pytest -q -p no:cacheprovider -m gpu tests
+  step "op tests on the GPU (triton, hybrid and cuda backends)"
+  run python -m pytest -q -p no:cacheprovider -k "triton-cuda or hybrid-cuda or cuda-cuda" \
+    tests/test_lora_linear.py tests/test_dp_kernels.py tests/test_split_privatize.py tests/test_reference.py
+  step "lorafast check on the GPU"
+  run python -m lorafast check
+  return $status
+}
+
+stage_b() {
+  step "LoRA linear: nn.Linear, PEFT, lorafast hybrid / fused / cuda"
+  run python bench/bench_lora_linear.py --quick --out "$OUT_DIR/lora_linear.csv" --table "$TABLE" \
+    --providers frozen_linear peft lorafast-hybrid lorafast-triton lorafast-cuda
+  step "DP step"
+  run python bench/bench_dp.py --quick --out "$OUT_DIR/dp.csv"
+  step "FedEx merge, k=16"
+  run python bench/bench_federated.py --quick --out "$OUT_DIR/federated.csv"
   step "noise kernel against copy bandwidth"
-  python bench/bench_noise.py $QUICK --out "$OUT_DIR/noise_$GPU.csv" --table "$OUT_DIR/backend_table_$GPU.json"
-  step "LoRA linear: Triton vs CUDA vs PEFT"
-  python bench/bench_lora_linear.py $QUICK --out "$OUT_DIR/lora_linear_$GPU.csv" \
-    --table "$OUT_DIR/backend_table_$GPU.json"
-} 2>&1 | tee "$LOG"
-echo "log: $LOG"
+  run python bench/bench_noise.py --quick --out "$OUT_DIR/noise.csv" --table "$TABLE"
+  return $status
+}
+
+for s in $(echo "$STAGES" | grep -o .); do
+  case $s in
+    a|b) ;;
+    *) echo "usage: bash bench/gpu_run.sh [a|b]" >&2; exit 2 ;;
+  esac
+  SECONDS=0
+  "stage_$s" 2>&1 | tee "$OUT_DIR/stage_$s.log" || status=1   # the stage runs in the pipe's subshell
+  echo "stage $s: ${SECONDS} s" | tee -a "$OUT_DIR/stage_$s.log"
+done
+exit $status
