@@ -87,7 +87,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
         lora_R: optional (r, r) matrix between A and B (LoRA-XS / LoRA-SB).
         dropout_p: inverted dropout on the adapter's input only, with a Philox mask from
             ``seed`` that the backward regenerates instead of storing.
-        backend: "torch", "triton", "cuda" or None (automatic; see ``lorafast.set_backend``).
+        backend: "torch", "triton" (fully fused), "hybrid" (cuBLAS base GEMMs, Triton rank-r
+            passes: the GPU default without a measured table), "cuda" or None (automatic; see
+            ``lorafast.set_backend``).
         seed: the dropout mask's Philox key; None draws a fresh one (see ``lorafast.manual_seed``).
 
     Returns:
