@@ -10,7 +10,8 @@ launch covers every parameter:
                           cᵢ = min(1, C/‖gᵢ‖), or min(1, C_p/‖gᵢ,p‖) per parameter, and 0
                           for a sample whose total squared norm is inf or nan (its gradient
                           is not finite); ξ is the Philox normals of the (1, D) vector from
-                          (seed, offset), four per call, or a given fp32 tensor.      (grid: chunks; a loop over samples)
+                          (seed, offset), four per call, or a given fp32 tensor.
+                          (grid: chunks; a loop over samples)
 
 Bytes: the norm pass reads G once (4·N·D), the step reads it once more and writes D
 floats. For adapters, D = r·(in + out) per layer, T/r times smaller than the
@@ -83,16 +84,16 @@ def _clip_reduce_kernel(G, stride_gn, TOTAL, S, stride_sn, CHUNKS, BOUNDS, ACC, 
 # launchers
 # ---------------------------------------------------------------------------
 
-_CHUNK_CACHE: dict = {}
+_DEVICE_TABLES: dict = {}
 
 
 def _cached(key, make):
     """A small device tensor built once per key: a step then makes no host→device copy."""
-    table = _CHUNK_CACHE.get(key)
+    table = _DEVICE_TABLES.get(key)
     if table is None:
-        if len(_CHUNK_CACHE) > 64:
-            _CHUNK_CACHE.clear()
-        table = _CHUNK_CACHE[key] = make()
+        if len(_DEVICE_TABLES) > 64:
+            _DEVICE_TABLES.clear()
+        table = _DEVICE_TABLES[key] = make()
     return table
 
 
