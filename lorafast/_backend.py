@@ -25,7 +25,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -98,6 +98,16 @@ def cuda_status() -> tuple[bool, str]:
     return _cuda.status()
 
 
+def backend_status(name: str) -> tuple[bool, str]:
+    """(usable, why) for a backend of BACKENDS other than "torch"."""
+    if name == "cuda":
+        return cuda_status()
+    usable, why = triton_status()
+    if name == "hybrid" and usable:
+        why = "the LoRA linear's base GEMMs on cuBLAS (torch.mm), its rank-r work in the Triton kernels"
+    return usable, why
+
+
 def available_backends() -> list[str]:
     """The kernel families usable here: always "torch", and "triton", "cuda" where usable.
     "hybrid" (the Triton kernels around cuBLAS base GEMMs) is usable wherever "triton" is."""
@@ -127,14 +137,19 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _override = previous
 
 
+def _requested(backend: Optional[str]) -> tuple[Optional[str], str]:
+    """(the backend asked for, by what): argument, override or environment; None means automatic."""
+    name = _check_name(backend, "backend")
+    if name is not None:
+        return name, "backend= argument"
+    if _override is not None:
+        return _override, "set_backend / use_backend"
+    return _check_name(os.environ.get("LORAFAST_BACKEND"), "LORAFAST_BACKEND"), "LORAFAST_BACKEND"
+
+
 def requested(backend: Optional[str] = None) -> Optional[str]:
     """The backend asked for by argument, override or environment; None means automatic."""
-    name = _check_name(backend, "backend")
-    if name is None:
-        name = _override
-    if name is None:
-        name = _check_name(os.environ.get("LORAFAST_BACKEND"), "LORAFAST_BACKEND")
-    return name
+    return _requested(backend)[0]
 
 
 def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -165,7 +180,7 @@ def _cuda_usable() -> bool:
 
 
 def _measured_choice(op: str, device: torch.device, dtype: torch.dtype, shape: Sequence[int],
-                     triton_ok: bool) -> Optional[tuple[str, str]]:
+                     triton_ok: bool) -> Optional[tuple[str, Callable[[], str]]]:
     """(backend, why) of the faster GPU backend for this shape by the recorded timings, or
     None without any."""
     from . import _cuda, _selection
@@ -183,29 +198,25 @@ def _measured_choice(op: str, device: torch.device, dtype: torch.dtype, shape: S
     best = min(ms, key=ms.get)
     if best == "cuda" and not _cuda_usable():
         return None
-    times = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(ms.items(), key=lambda kv: kv[1]))
-    return best, f"measured fastest on {gpu} at the nearest recorded shape {tuple(near)}: {times}"
+    return best, lambda: (f"measured fastest on {gpu} at the nearest recorded shape {tuple(near)}: "
+                          + ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(ms.items(), key=lambda kv: kv[1])))
 
 
-def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
-           shape: Optional[Sequence[int]] = None) -> tuple[str, str]:
-    """(backend, why): ``select``'s answer and the reason for it, as ``lorafast env`` shows."""
-    name = _check_name(backend, "backend")
-    source = "backend= argument"
-    if name is None and _override is not None:
-        name, source = _override, "set_backend / use_backend"
-    if name is None:
-        name = _check_name(os.environ.get("LORAFAST_BACKEND"), "LORAFAST_BACKEND")
-        source = "LORAFAST_BACKEND"
+def _decide(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str],
+            shape: Optional[Sequence[int]]) -> tuple[str, Callable[[], str]]:
+    """(backend, why): the reason is a function, so that ``select``, which every op call makes,
+    never formats it."""
+    name, source = _requested(backend)
+    asked = lambda: f"asked for ({source})"  # noqa: E731
     if name == "torch":
-        return name, f"asked for ({source})"
+        return name, asked
     if name in ("triton", "hybrid"):
         why = _triton_supports(device, dtype)
         if why is not None:
             raise ValueError(f"{op}: backend={name!r} cannot run here: {why}")
         if name == "hybrid" and op not in BASE_GEMM_OPS:
-            return "triton", f"asked for hybrid ({source}); {op} has no base GEMM, so its Triton kernel"
-        return name, f"asked for ({source})"
+            return "triton", lambda: f"asked for hybrid ({source}); {op} has no base GEMM, so its Triton kernel"
+        return name, asked
     if name == "cuda":
         from . import _cuda
         usable, why = cuda_status()
@@ -218,10 +229,11 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
             raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type}")
         if dtype not in KERNEL_DTYPES:
             raise ValueError(f"{op}: the CUDA kernels take float32, float16 or bfloat16, not {dtype}")
-        return name, f"asked for ({source})"
+        return name, asked
     # automatic: the interpreter is for testing, never picked on its own
     if device.type != "cuda":
-        return "torch", f"{device.type} tensors: the reference (Triton on CPU is only its interpreter, for tests)"
+        return "torch", lambda: (f"{device.type} tensors: the reference "
+                                 "(Triton on CPU is only its interpreter, for tests)")
     why_not = _triton_supports(device, dtype)
     triton_ok = why_not is None
     if shape is not None:
@@ -229,11 +241,18 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
         if best is not None:
             return best
     if not triton_ok:
-        return "torch", f"the reference: Triton cannot run here ({why_not})"
+        return "torch", lambda: f"the reference: Triton cannot run here ({why_not})"
     if op in BASE_GEMM_OPS:
-        return "hybrid", (f"no measured table for {_gpu_name(device.index)}: base GEMMs on cuBLAS (as PEFT's), "
-                          f"rank-r work in the Triton kernels")
-    return "triton", "the Triton kernel (the default GPU backend for ops without base GEMMs)"
+        return "hybrid", lambda: (f"no measured table for {_gpu_name(device.index)}: base GEMMs on cuBLAS "
+                                  f"(as PEFT's), rank-r work in the Triton kernels")
+    return "triton", lambda: "the Triton kernel (the default GPU backend for ops without base GEMMs)"
+
+
+def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+           shape: Optional[Sequence[int]] = None) -> tuple[str, str]:
+    """(backend, why): ``select``'s answer and the reason for it, as ``lorafast env`` shows."""
+    name, why = _decide(op, device, dtype, backend, shape)
+    return name, why()
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
@@ -241,7 +260,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
     """Resolve the backend for ``op`` on tensors of this device and dtype; ``shape`` (the op's
     size features, e.g. (M, in, out, r) for the LoRA linear) lets automatic selection use
     the timings recorded for the nearest shape. See ``choose`` for the reasons."""
-    return choose(op, device, dtype, backend, shape)[0]
+    return _decide(op, device, dtype, backend, shape)[0]
 
 
 def cuda_ops():

@@ -112,10 +112,8 @@ def env_lines() -> list[str]:
                  f"ninja: {'found' if shutil.which('ninja') else 'not found'}")
     lines.append("backends:")
     lines.append("  torch   available: the float64-capable reference (lorafast/reference.py)")
-    for name in ("triton", "hybrid", "cuda"):
-        usable, why = getattr(_backend, f"{'triton' if name == 'hybrid' else name}_status")()
-        if name == "hybrid" and usable:
-            why = "the LoRA linear's base GEMMs on cuBLAS (torch.mm), its rank-r work in the Triton kernels"
+    for name in _backend.BACKENDS[1:]:
+        usable, why = _backend.backend_status(name)
         lines.append(f"  {name:<7} {'available' if usable else 'unavailable'}: {why}")
     table = _selection.user_table_path()
     n = sum(len(v) for v in _selection._index().values())
