@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .random import normals
+from .common import interpreted
+from .philox import normals
 
 
 @triton.jit
@@ -122,7 +123,6 @@ def _block_d(interp: bool) -> int:
 
 def grad_sample_sq_norms(grad_sample: torch.Tensor, segments: list[int]) -> torch.Tensor:
     """(N, P) fp32 squared norms per sample and parameter of grad_sample (N, D) fp32."""
-    from .lora_linear import interpreted
     n = grad_sample.shape[0]
     p = len(segments) - 1
     out = torch.zeros((n, p), device=grad_sample.device, dtype=torch.float32)
@@ -140,7 +140,6 @@ def clip_reduce_noise(grad_sample: torch.Tensor, sq_norms: torch.Tensor, segment
                       noise: Optional[torch.Tensor], noise_std: float, seed: int, offset: int,
                       out_scale: float) -> torch.Tensor:
     """The fused step; see the module docstring and ``lorafast.reference.clip_reduce_noise``."""
-    from .lora_linear import interpreted
     interp = interpreted()
     n, d = grad_sample.shape
     p = len(segments) - 1

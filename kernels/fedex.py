@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _rtne_bf16_bits, grouped_tile, interpreted
+from .common import grouped_tile, interpreted, rtne_bf16_bits
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def _fedex_merge_kernel(W, stride_wm, stride_wn, C, stride_cm, stride_cn,
     else:
         new = w + acc
     if ROUND_BF16:   # the interpreter's bf16 cast truncates; round to nearest-even first
-        new = _rtne_bf16_bits(new)
+        new = rtne_bf16_bits(new)
     new = new.to(W.dtype.element_ty)
     tl.store(w_ptrs, new, mask=ok)
     if HAS_COMP:

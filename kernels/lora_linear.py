@@ -11,43 +11,24 @@ Two kernels serve forward and backward (variants are flags, not copies):
     a tiled GEMM whose epilogue adds the rank-r term before the single write; with
     BASE_IN_Y, X Wop is already in Y (cuBLAS) and the kernel is one pass adding the rest.
 
-Forward:   h = drop(x) Aᵀ                           (project over x)
-           y = x Wᵀ + s (h Rᵀ) Bᵀ + b               (v = h Rᵀ, then gemm)
-Backward:  g = G B;  Lg = s g R;  dB = s Gᵀ(h Rᵀ);  dR = s gᵀ h;  db = Σ G
-                                                    (one project pass over G)
-           dA = Lgᵀ drop(x)                         (project over x, dW only)
-           dx = G W + (Lg A) ⊙ m/(1-p)              (gemm)
-Two plans: fully fused (the GEMMs above), and ``HYBRID``, where torch.mm (cuBLAS) forms
-x Wᵀ and G W and the gemm kernel only adds the rank-r term and the bias in place.
+``project`` and ``gemm`` launch them; lorafast/plans/triton.py composes them into the
+forward and backward (and the "hybrid" plan, whose base products come from torch.mm).
 Work for gradients that are not needed is skipped by flags.
 """
 from __future__ import annotations
 
-import functools
-import types
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .random import dropout_keep
+from .common import grouped_tile, interpreted, rtne_bf16_bits, sm_count, smem_limit  # noqa: F401
+from .philox import dropout_keep
 
 # ---------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------
-
-
-@triton.jit
-def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles in a row
-    share each column tile of the right-hand operand while it is in L2."""
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % in_group) % group_m, (pid % in_group) // group_m
 
 
 @triton.jit
@@ -56,15 +37,6 @@ def _load_rr(ptr, stride_a, stride_b, r, R_PAD: tl.constexpr):
     ra = tl.arange(0, R_PAD)
     ok = (ra[:, None] < r) & (ra[None, :] < r)
     return tl.load(ptr + ra[:, None] * stride_a + ra[None, :] * stride_b, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _rtne_bf16_bits(v):
-    """Round fp32 to the nearest-even bf16 value, kept in fp32. The interpreter's own
-    fp32→bf16 cast truncates; with this the truncation is exact."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -230,15 +202,9 @@ def _lora_gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(BIAS + rn_l).to(tl.float32)[None, :]
     if INTERP_BF16:
-        acc = _rtne_bf16_bits(acc)
+        acc = rtne_bf16_bits(acc)
     y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
-
-
-def smem_limit(device: torch.device) -> int:
-    """Shared memory one block may use on ``device`` (bytes, opt-in maximum)."""
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 0) or 232448
 
 
 def _gemm_configs():
@@ -308,17 +274,6 @@ def m_bucket(M: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def interpreted() -> bool:
-    """True when these kernels were defined under TRITON_INTERPRET=1."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_lora_project_kernel, InterpretedFunction)
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; block sizes follow the parallelism there is."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -361,7 +316,7 @@ def _project_grid(M: int, K: int, *, per_sample: int, r_pad: int, can_split: boo
     return bm, bk, splits
 
 
-def _project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_scale=1.0,
+def project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_scale=1.0,
              dW=None, dR=None, dr_scale=None, dbias=None, r, dropout_p=0.0, seed=0, offset=0,
              rows_per_sample=0):
     """Launch one row pass over X (M, K); see the module docstring. Every matrix is a view
@@ -403,7 +358,7 @@ def _project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_s
     )
 
 
-def _gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offset=0, blas=False):
+def gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offset=0, blas=False):
     """Y (M, N) = X (M, K) · W (K, N) + s · H U (⊙ m/(1-p)) + b; W and U (r, N) are strided views.
     With ``blas`` the base product X·W is torch.mm's (cuBLAS on a GPU, honouring
     ``allow_tf32``), written into Y, and one pass over Y adds the rank-r term and the bias."""
@@ -434,85 +389,3 @@ def _gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offs
         def grid(meta):
             return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
         (_lora_update_tuned if blas else _lora_gemm_tuned)[grid](*args, **flags)
-
-
-def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset, *, blas=False):
-    """x2 (M, in) → (y (M, out) in x's dtype, h = drop(x) Aᵀ (M, r) fp32)."""
-    M = x2.shape[0]
-    out_f, r = weight.shape[0], lora_A.shape[0]
-    h = torch.empty((M, r), device=x2.device, dtype=torch.float32)
-    y = torch.empty((M, out_f), device=x2.device, dtype=x2.dtype)
-    if M == 0:
-        return y, h
-    _project(x2, P=lora_A.T, out=h, r=r, dropout_p=dropout_p, seed=seed, offset=offset)
-    v = h @ lora_R.T.to(torch.float32) if lora_R is not None else h     # (M, r): a tiny product, done once
-    _gemm(x2, weight.T, H=v, U=lora_B.T, Y=y, r=r,
-          scale=scaling, bias=bias.contiguous() if bias is not None else None, blas=blas)
-    return y, h
-
-
-def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
-                     dx, dA, dB, dR, db, grad_scale=1.0, rows_per_sample=0, blas=False):
-    """The backward's passes, writing whichever of dx (M, in), dA (r, in), dB (out, r),
-    dR (r, r), db (out,) is given; dA, dB, dR may instead be per-sample (N, ·, ·) buffers
-    (``rows_per_sample`` = T), and their gradients are scaled by ``grad_scale``."""
-    M = x2.shape[0]
-    r = lora_A.shape[0]
-    need_low = dx is not None or dA is not None   # Lg = s g R feeds both dA and dx
-    Lg = torch.empty((M, r), device=x2.device, dtype=torch.float32) if need_low else None
-    if need_low or dB is not None or dR is not None or db is not None:
-        _project(gy2, P=lora_B if (need_low or dR is not None) else None, out=Lg, out_scale=scaling,
-                 Q=lora_R if need_low else None, H=h, QH=lora_R.T if lora_R is not None else None,
-                 l_scale=scaling * grad_scale, dW=dB, dR=dR, dr_scale=scaling * grad_scale, dbias=db, r=r,
-                 rows_per_sample=rows_per_sample)
-    if dA is not None:
-        _project(x2, H=Lg, dW=dA.transpose(-1, -2), l_scale=grad_scale, r=r, dropout_p=dropout_p, seed=seed,
-                 offset=offset, rows_per_sample=rows_per_sample)
-    if dx is not None:
-        _gemm(gy2, weight, H=Lg, U=lora_A, Y=dx, r=r, dropout_p=dropout_p, seed=seed, offset=offset, blas=blas)
-
-
-def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
-                         offset, needs, *, blas=False):
-    """Gradients (dx, dA, dB, dR, dbias) in fp32 (dx in x's dtype); None where not needed."""
-    need_x, need_A, need_B, need_R, need_bias = needs
-    M, in_f = x2.shape
-    out_f, r = weight.shape[0], lora_A.shape[0]
-    dev, f32 = x2.device, torch.float32
-    dB = torch.zeros((out_f, r), device=dev, dtype=f32) if need_B else None
-    dR = torch.zeros((r, r), device=dev, dtype=f32) if need_R else None
-    db = torch.zeros((out_f,), device=dev, dtype=f32) if need_bias else None
-    dA = torch.zeros((r, in_f), device=dev, dtype=f32) if need_A else None
-    dx = torch.empty((M, in_f), device=dev, dtype=x2.dtype) if need_x else None
-    if M == 0:
-        if dx is not None:
-            dx.zero_()
-        return dx, dA, dB, dR, db
-    _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                     dx=dx, dA=dA, dB=dB, dR=dR, db=db, blas=blas)
-    return dx, dA, dB, dR, db
-
-
-def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
-                                    offset, *, batch, need_x, ps_A, ps_B, ps_R, ps_scale, blas=False):
-    """dx (M, in) in x's dtype (None unless ``need_x``), and per-sample adapter gradients scaled by
-    ``ps_scale`` and accumulated (+=) into the fp32 views ps_A (N, r, in), ps_B (N, out, r),
-    ps_R (N, r, r) (None where not trained). The per-sample sums are reductions over each
-    sample's T = M / N rows inside the same passes that form g = dY·B and dx."""
-    M, in_f = x2.shape
-    dx = torch.empty((M, in_f), device=x2.device, dtype=x2.dtype) if need_x else None
-    if M == 0:
-        return dx
-    _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                     dx=dx, dA=ps_A, dB=ps_B, dR=ps_R, db=None, grad_scale=ps_scale,
-                     rows_per_sample=M // batch, blas=blas)
-    return dx
-
-
-# The default plan on a GPU without a measured table (the "hybrid" backend): the base GEMMs
-# x·Wᵀ and dY·W on cuBLAS, as PEFT's are, and every rank-r pass in the kernels above.
-HYBRID = types.SimpleNamespace(
-    lora_linear_forward=functools.partial(lora_linear_forward, blas=True),
-    lora_linear_backward=functools.partial(lora_linear_backward, blas=True),
-    lora_linear_per_sample_backward=functools.partial(lora_linear_per_sample_backward, blas=True),
-)

@@ -1,7 +1,7 @@
 """lorafast: fused kernels for private and federated low-rank fine-tuning."""
 from ._backend import available_backends, set_backend, use_backend
 from ._random import manual_seed
-from .functional import lora_linear
+from ._ops import lora_linear
 from .layers import LoRALinear
 from . import init
 from .interop import (from_peft, inject_adapters, load_adapters, merge_adapters, save_adapters,

@@ -29,10 +29,18 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-BACKENDS = ("torch", "triton", "hybrid", "cuda")
-BASE_GEMM_OPS = frozenset({"lora_linear"})   # the ops with base GEMMs for "hybrid" to hand to cuBLAS
+# the dispatch table: each backend's plan, a module of lorafast/plans/ with the same functions
+PLANS = {"torch": "lorafast.plans.reference", "triton": "lorafast.plans.triton",
+         "hybrid": "lorafast.plans.hybrid", "cuda": "lorafast.plans.cuda"}
+BACKENDS = tuple(PLANS)
+# the registered ops (lorafast::<name>), by the names select takes
+OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_linear_bwd_ps", "grad_sample_norms", "clip_reduce_noise",
+       "fedex_merge_", "privatize")
+LORA_LINEAR_OPS = frozenset({"lora_linear_fwd", "lora_linear_bwd", "lora_linear_bwd_ps"})
+BASE_GEMM_OPS = LORA_LINEAR_OPS   # the ops with base GEMMs for "hybrid" to hand to cuBLAS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _override: Optional[str] = None
+_cuda_ops_override = None   # a stand-in for torch.ops.lorafast_cuda (tests' CPU emulation of csrc/)
 
 
 def _prepare_interpreter() -> bool:
@@ -191,7 +199,8 @@ def _measured_choice(op: str, device: torch.device, dtype: torch.dtype, shape: S
     gpu = _gpu_name(device.index)
     # a measured choice must have beaten the default it replaces ("hybrid" for the LoRA linear)
     must = ["hybrid"] if "hybrid" in candidates else []
-    found = _selection.nearest(gpu, op, str(dtype).removeprefix("torch."), shape, candidates, must)
+    table = "lora_linear_fwd" if op in LORA_LINEAR_OPS else op   # the backward follows the forward's choice
+    found = _selection.nearest(gpu, table, str(dtype).removeprefix("torch."), shape, candidates, must)
     if found is None:
         return None
     near, ms = found
@@ -206,6 +215,8 @@ def _decide(op: str, device: torch.device, dtype: torch.dtype, backend: Optional
             shape: Optional[Sequence[int]]) -> tuple[str, Callable[[], str]]:
     """(backend, why): the reason is a function, so that ``select``, which every op call makes,
     never formats it."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of the registered ops {OPS}, got {op!r}")
     name, source = _requested(backend)
     asked = lambda: f"asked for ({source})"  # noqa: E731
     if name == "torch":
@@ -217,6 +228,8 @@ def _decide(op: str, device: torch.device, dtype: torch.dtype, backend: Optional
         if name == "hybrid" and op not in BASE_GEMM_OPS:
             return "triton", lambda: f"asked for hybrid ({source}); {op} has no base GEMM, so its Triton kernel"
         return name, asked
+    if name == "cuda" and _cuda_ops_override is not None:
+        return name, lambda: f"asked for ({source}); the lorafast_cuda ops are a stand-in"
     if name == "cuda":
         from . import _cuda
         usable, why = cuda_status()
@@ -264,28 +277,41 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
 
 
 def cuda_ops():
-    """The lorafast_cuda op namespace, loading (or building) the extension on first use."""
+    """The lorafast_cuda op namespace, loading (or building) the extension on first use; or the
+    stand-in set by ``cuda_ops_standin``."""
+    if _cuda_ops_override is not None:
+        return _cuda_ops_override
     from . import _cuda
     _cuda.load()
     return torch.ops.lorafast_cuda
 
 
-def lora_linear_kernels(backend: str, device: torch.device):
-    """The LoRA linear plan of a kernel backend: kernels/lora_linear.py for "triton" (fully
-    fused), its ``HYBRID`` plan for "hybrid" (cuBLAS base GEMMs), _cuda_lora.py over the
-    lorafast_cuda ops for "cuda". All have the same functions."""
-    if backend == "cuda":
-        cuda_ops()
-        return importlib.import_module("lorafast._cuda_lora")
-    kernels = triton_kernels(device)
-    return kernels.HYBRID if backend == "hybrid" else kernels
+@contextlib.contextmanager
+def cuda_ops_standin(ops) -> Iterator[None]:
+    """Route backend="cuda" to ``ops`` (an object with the lorafast_cuda ops' functions) on any
+    device, for tests that run csrc/'s kernels under a CPU emulation."""
+    global _cuda_ops_override
+    previous = _cuda_ops_override
+    _cuda_ops_override = ops
+    try:
+        yield
+    finally:
+        _cuda_ops_override = previous
 
 
-def triton_kernels(device: torch.device, family: str = "lora_linear"):
-    """A Triton kernels module (lorafast.kernels.<family>); on CPU tensors only when running
-    under the interpreter."""
-    if device.type == "cpu" and not _INTERPRETER:
+def plan(backend: str, device: torch.device):
+    """The plan module of ``backend`` (see lorafast/plans/): Triton's on CPU tensors only under
+    the interpreter; CUDA's with the extension loaded."""
+    if backend in ("triton", "hybrid") and device.type == "cpu" and not _INTERPRETER:
         raise RuntimeError(
             "backend='triton' on CPU tensors runs only under the Triton interpreter: set "
             "TRITON_INTERPRET=1 in the environment, or import lorafast before triton")
-    return importlib.import_module(f"lorafast.kernels.{family}")
+    if backend == "cuda":
+        cuda_ops()
+    module = _PLAN_MODULES.get(backend)
+    if module is None:
+        module = _PLAN_MODULES[backend] = importlib.import_module(PLANS[backend])
+    return module
+
+
+_PLAN_MODULES: dict = {}

@@ -24,8 +24,9 @@ from typing import Optional
 
 import torch
 
-# the ops (as named to _backend.select) with lorafast_cuda kernels: all of them
-OPS = frozenset({"lora_linear", "privatize", "grad_sample_norms", "clip_reduce_noise", "fedex_merge"})
+# the ops (their registered names, as _backend.select takes them) with lorafast_cuda kernels: all of them
+OPS = frozenset({"lora_linear_fwd", "lora_linear_bwd", "lora_linear_bwd_ps", "privatize", "grad_sample_norms",
+                 "clip_reduce_noise", "fedex_merge_"})
 _PACKAGE = Path(__file__).resolve().parent
 _CSRC = _PACKAGE.parent / "csrc"        # a source checkout or editable install
 _loaded: Optional[str] = None
@@ -113,8 +114,8 @@ def load() -> None:
 def _register_fakes() -> None:
     @torch.library.register_fake("lorafast_cuda::privatize")
     def _(h, clip_norm, noise_std, mode, seed, offset):
-        from .reference import privatize_rows
-        rows, _ = privatize_rows(h, mode)
+        from ._layout import privatize_rows
+        rows, _ = privatize_rows(h.shape, mode)
         return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty((rows,), dtype=torch.float32)
 
     @torch.library.register_fake("lorafast_cuda::grad_sample_norms")

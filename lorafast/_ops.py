@@ -1,12 +1,22 @@
-"""The op catalogue: one torch.library custom op per operation.
+"""The op catalogue: every lorafast op, registered with torch.library, and its entry point.
 
-Each op's body runs the backend named by its ``backend`` argument (resolved by
-``lorafast._backend.select`` before the call): "torch" is the reference in
-reference.py, "triton" the kernels in lorafast.kernels, "hybrid" the same with the LoRA
-linear's base GEMMs on cuBLAS, "cuda" the lorafast_cuda ops of csrc/ (composed with cuBLAS
-GEMMs in _cuda_lora.py for the LoRA linear). Fake kernels make the
-ops traceable by torch.compile; autograd is registered on the forward op and
-calls the backward op.
+Each op has two faces here:
+  * the registered op ``lorafast::<name>`` (in ``REGISTERED``), whose body runs the plan of
+    the backend named by its last argument: ``_backend.plan(backend, device).<name>``, one
+    module per backend with the same functions (lorafast/plans/). Fake kernels make the ops
+    traceable by torch.compile; autograd is registered on the forward ops;
+  * the entry point ``<name>(...)``, with the op's arguments in the same order and the
+    backend last and optional: it resolves the backend (``_backend.select``, by the
+    registered name) and calls the op. Everything outside this module calls these.
+
+    op                    entry point                      plan function
+    lora_linear_fwd       lora_linear (public), lora_linear_fwd    lora_linear_forward
+    lora_linear_bwd       lora_linear_bwd (autograd)       lora_linear_backward
+    lora_linear_bwd_ps    lora_linear_bwd_ps (DP-SGD)      lora_linear_per_sample_backward
+    grad_sample_norms     grad_sample_norms                grad_sample_norms
+    clip_reduce_noise     clip_reduce_noise                clip_reduce_noise
+    fedex_merge_          fedex_merge_                     fedex_merge_
+    privatize             privatize                        privatize
 """
 from __future__ import annotations
 
@@ -16,10 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backend, reference
-
-KERNEL_BACKENDS = ("triton", "hybrid", "cuda")
-TRITON_BACKENDS = ("triton", "hybrid")     # "hybrid" differs from "triton" only in the LoRA linear's base GEMMs
+from . import _backend, _checks, _layout, _random, reference
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -27,25 +34,25 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-# ------------------------------------------------------------------ lora_linear
+def _noise_seed(seed: Optional[int]) -> int:
+    """A Philox key for noise: the one given, else one from the OS (noise protects data, so
+    ``lorafast.manual_seed`` does not replay it)."""
+    return _random.os_seed() if seed is None else int(seed)
+
+
+# ------------------------------------------------------------------ the LoRA linear
 
 
 @torch.library.custom_op("lorafast::lora_linear_fwd", mutates_args=())
-def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                    bias: Optional[Tensor], lora_R: Optional[Tensor], scaling: float,
-                    dropout_p: float, seed: int, offset: int, backend: str) -> tuple[Tensor, Tensor]:
-    """(y, h): y = x Wᵀ + b + s·drop(x)Aᵀ(Rᵀ)Bᵀ in x's dtype; h = drop(x)Aᵀ (M, r) fp32 for backward."""
-    if backend in KERNEL_BACKENDS:
-        kernels = _backend.lora_linear_kernels(backend, x.device)
-        y, h = kernels.lora_linear_forward(_rows(x), weight, lora_A, lora_B, bias, lora_R,
-                                           scaling, dropout_p, seed, offset)
-        return y.reshape(*x.shape[:-1], weight.shape[0]), h
-    y, h = reference.lora_linear_forward(x, weight, lora_A, lora_B, bias, lora_R, scaling=scaling,
-                                         dropout_p=dropout_p, seed=seed, offset=offset)
-    return y, h.to(torch.float32)
+def _lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                     bias: Optional[Tensor], lora_R: Optional[Tensor], scaling: float,
+                     dropout_p: float, seed: int, offset: int, backend: str) -> tuple[Tensor, Tensor]:
+    y, h = _backend.plan(backend, x.device).lora_linear_forward(_rows(x), weight, lora_A, lora_B, bias, lora_R,
+                                                                 scaling, dropout_p, seed, offset)
+    return y.reshape(*x.shape[:-1], weight.shape[0]), h
 
 
-@lora_linear_fwd.register_fake
+@_lora_linear_fwd.register_fake
 def _(x, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset, backend):
     rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -54,32 +61,24 @@ def _(x, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset,
 
 
 @torch.library.custom_op("lorafast::lora_linear_bwd", mutates_args=())
-def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                    lora_R: Optional[Tensor], bias: Optional[Tensor], h: Tensor, scaling: float,
-                    dropout_p: float, seed: int, offset: int, needs: list[bool],
-                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, dR, dbias); an entry whose ``needs`` flag is False is an empty tensor."""
-    needs_t = tuple(bool(n) for n in needs)
-    if backend in KERNEL_BACKENDS:
-        kernels = _backend.lora_linear_kernels(backend, x.device)
-        grads = kernels.lora_linear_backward(_rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h,
-                                             scaling, dropout_p, seed, offset, needs_t)
-        dx, dA, dB, dR, db = grads
-        if dx is not None:
-            dx = dx.reshape(x.shape)
-    else:
-        dx, dA, dB, dR, db = reference.lora_linear_backward(
-            grad_y, x, weight, lora_A, lora_B, lora_R, h, scaling=scaling, dropout_p=dropout_p,
-            seed=seed, offset=offset, needs=needs_t,
-            bias_dtype=bias.dtype if bias is not None else None)
+def _lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                     lora_R: Optional[Tensor], bias: Optional[Tensor], h: Tensor, scaling: float,
+                     dropout_p: float, seed: int, offset: int, needs: list[bool],
+                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backend.plan(backend, x.device).lora_linear_backward(
+        _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+        tuple(bool(n) for n in needs))
     like = (x, lora_A, lora_B, lora_R, bias)
     out = []
-    for g, ref in zip((dx, dA, dB, dR, db), like):
-        out.append(g.to(ref.dtype).contiguous() if g is not None else x.new_empty((0,)))
+    for g, ref in zip(grads, like):
+        if g is None:
+            out.append(x.new_empty((0,)))
+        else:
+            out.append(g.reshape(ref.shape).to(ref.dtype).contiguous())
     return tuple(out)
 
 
-@lora_linear_bwd.register_fake
+@_lora_linear_bwd.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, scaling, dropout_p, seed, offset, needs, backend):
     like = (x, lora_A, lora_B, lora_R, bias)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if n else x.new_empty((0,))
@@ -100,129 +99,195 @@ def _backward(ctx, grad_y, _grad_h):
     needs = [n[0], n[2], n[3], lora_R is not None and n[5], bias is not None and n[4]]
     if not any(needs):
         return (None,) * 11
-    dx, dA, dB, dR, db = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, scaling,
-                                         dropout_p, seed, offset, needs, backend)
+    dx, dA, dB, dR, db = _lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, scaling,
+                                          dropout_p, seed, offset, needs, backend)
     pick = [g if k else None for g, k in zip((dx, dA, dB, dR, db), needs)]
     return pick[0], None, pick[1], pick[2], pick[4], pick[3], None, None, None, None, None
 
 
-lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ------------------------------------------------------------------ DP-SGD
+_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("lorafast::lora_linear_bwd_ps", mutates_args=("ps_A", "ps_B", "ps_R"))
-def lora_linear_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                       lora_R: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float, seed: int,
-                       offset: int, batch: int, need_x: bool, ps_A: Optional[Tensor], ps_B: Optional[Tensor],
-                       ps_R: Optional[Tensor], ps_scale: float, backend: str) -> Tensor:
-    """The backward of ``lora_linear_fwd`` with per-sample adapter gradients: returns dx (empty
-    unless ``need_x``) and adds ps_scale × each sample's gradient into the fp32 buffers
-    ps_A (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained)."""
-    if backend in KERNEL_BACKENDS:
-        kernels = _backend.lora_linear_kernels(backend, x.device)
-        dx = kernels.lora_linear_per_sample_backward(
-            _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-            batch=batch, need_x=need_x, ps_A=ps_A, ps_B=ps_B, ps_R=ps_R, ps_scale=ps_scale)
-        dx = dx.reshape(x.shape) if dx is not None else None
-    else:
-        kw = dict(scaling=scaling, dropout_p=dropout_p, seed=seed, offset=offset)
-        dx = None
-        if need_x:
-            dx = reference.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, lora_R, h,
-                                                needs=(True, False, False, False, False), **kw)[0]
-        needs = (ps_A is not None, ps_B is not None, ps_R is not None)
-        if batch > 0 and any(needs):
-            grads = reference.lora_linear_per_sample_grads(grad_y, x, lora_A, lora_B, lora_R, h, batch=batch,
-                                                           needs=needs, **kw)
-            for buf, g in zip((ps_A, ps_B, ps_R), grads):
-                if buf is not None:
-                    buf.add_(g.to(buf.dtype), alpha=ps_scale)
-    return dx.contiguous() if dx is not None else x.new_empty((0,))
+def _lora_linear_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                        lora_R: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float, seed: int,
+                        offset: int, batch: int, need_x: bool, ps_A: Optional[Tensor], ps_B: Optional[Tensor],
+                        ps_R: Optional[Tensor], ps_scale: float, backend: str) -> Tensor:
+    dx = _backend.plan(backend, x.device).lora_linear_per_sample_backward(
+        _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+        batch=batch, need_x=need_x, ps_A=ps_A, ps_B=ps_B, ps_R=ps_R, ps_scale=ps_scale)
+    return dx.reshape(x.shape).contiguous() if dx is not None else x.new_empty((0,))
 
 
-@lora_linear_bwd_ps.register_fake
+@_lora_linear_bwd_ps.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, batch, need_x,
       ps_A, ps_B, ps_R, ps_scale, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,))
 
 
+def lora_shape(x: Tensor, weight: Tensor, lora_A: Tensor) -> tuple[int, int, int, int]:
+    """(M, in, out, r): the size features by which backends are chosen for the LoRA linear."""
+    return x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0], lora_A.shape[0]
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                bias: Optional[Tensor] = None, *, scaling: float = 1.0,
+                lora_R: Optional[Tensor] = None, dropout_p: float = 0.0,
+                backend: Optional[str] = None, seed: Optional[int] = None) -> Tensor:
+    """Fused LoRA linear layer.
+
+        y = x Wᵀ + b + s · drop(x) Aᵀ (Rᵀ) Bᵀ
+
+    Args:
+        x: (..., in) activations, fp32, fp16 or bf16 (fp64 runs on the torch backend).
+        weight: (out, in) frozen base weight, x's dtype. Must not require grad.
+        lora_A: (r, in) down projection; fp32 or x's dtype.
+        lora_B: (out, r) up projection; fp32 or x's dtype.
+        bias: optional (out,) bias.
+        scaling: s, usually ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA).
+        lora_R: optional (r, r) matrix between A and B (LoRA-XS / LoRA-SB).
+        dropout_p: inverted dropout on the adapter's input only, with a Philox mask from
+            ``seed`` that the backward regenerates instead of storing.
+        backend: "torch", "triton" (fully fused), "hybrid" (cuBLAS base GEMMs, Triton rank-r
+            passes: the GPU default without a measured table), "cuda" or None (automatic; see
+            ``lorafast.set_backend``).
+        seed: the dropout mask's Philox key; None draws a fresh one (see ``lorafast.manual_seed``).
+
+    Returns:
+        (..., out) in x's dtype, accumulated in fp32. Gradients flow to whichever of
+        x, lora_A, lora_B, lora_R and bias require grad; the others cost nothing.
+    """
+    _checks.check_lora_linear(x, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p)
+    if dropout_p > 0.0:
+        seed = _checks.check_seed("seed", seed)
+        seed = _random.next_seed() if seed is None else seed
+    else:
+        seed = 0
+    y, _ = lora_linear_fwd(x, weight, lora_A, lora_B, bias, lora_R, float(scaling), float(dropout_p), seed, 0,
+                           backend)
+    return y
+
+
+def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor] = None,
+                    lora_R: Optional[Tensor] = None, scaling: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
+                    offset: int = 0, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(y, h) of the LoRA linear, differentiable: y = x Wᵀ + b + s·drop(x)Aᵀ(Rᵀ)Bᵀ in x's
+    dtype, and h = drop(x)Aᵀ (M, r) fp32, which the per-sample backward takes. The dropout
+    mask is Philox (seed, offset + row·⌈in/4⌉ + ⌊col/4⌋), word col mod 4 (reference.dropout_keep).
+    Arguments are not validated here: ``lora_linear`` is the checked public form."""
+    name = _backend.select("lora_linear_fwd", x.device, x.dtype, backend, shape=lora_shape(x, weight, lora_A))
+    return _lora_linear_fwd(x, weight, lora_A, lora_B, bias, lora_R, float(scaling), float(dropout_p), int(seed),
+                            int(offset), name)
+
+
+def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    lora_R: Optional[Tensor], bias: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float,
+                    seed: int, offset: int, needs: list[bool], backend: Optional[str] = None):
+    """(dx, dA, dB, dR, dbias) of ``lora_linear_fwd``, each in its input's dtype; an entry whose
+    ``needs`` flag (in that order) is False is an empty tensor. Autograd calls this op itself."""
+    name = _backend.select("lora_linear_bwd", x.device, x.dtype, backend, shape=lora_shape(x, weight, lora_A))
+    return _lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, float(scaling), float(dropout_p),
+                            int(seed), int(offset), [bool(n) for n in needs], name)
+
+
+def lora_linear_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                       lora_R: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float, seed: int,
+                       offset: int, batch: int, need_x: bool, ps_A: Optional[Tensor] = None,
+                       ps_B: Optional[Tensor] = None, ps_R: Optional[Tensor] = None, ps_scale: float = 1.0,
+                       backend: Optional[str] = None) -> Optional[Tensor]:
+    """The backward of ``lora_linear_fwd`` with per-sample adapter gradients (DP-SGD): x holds
+    ``batch`` samples of M/batch rows each; adds ps_scale × each sample's gradient into the
+    fp32 buffers ps_A (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained)
+    and returns dx (None unless ``need_x``). Pass the forward's backend."""
+    name = _backend.select("lora_linear_bwd_ps", x.device, x.dtype, backend, shape=lora_shape(x, weight, lora_A))
+    dx = _lora_linear_bwd_ps(grad_y, x, weight, lora_A, lora_B, lora_R, h, float(scaling), float(dropout_p),
+                             int(seed), int(offset), int(batch), bool(need_x), ps_A, ps_B, ps_R, float(ps_scale),
+                             name)
+    return dx if need_x else None
+
+
+# ------------------------------------------------------------------ DP-SGD
+
+
 @torch.library.custom_op("lorafast::grad_sample_norms", mutates_args=())
-def grad_sample_norms(grad_sample: Tensor, segments: list[int], backend: str) -> Tensor:
-    """(N, P) fp32 squared norms of each sample's gradient of each parameter; grad_sample (N, D)
-    holds parameter p in columns [segments[p], segments[p+1])."""
-    if backend in TRITON_BACKENDS:
-        return _backend.triton_kernels(grad_sample.device, "dp").grad_sample_sq_norms(grad_sample, segments)
-    if backend == "cuda":
-        return _backend.cuda_ops().grad_sample_norms(grad_sample, segments)
-    return reference.grad_sample_sq_norms(grad_sample, segments).to(torch.float32)
+def _grad_sample_norms(grad_sample: Tensor, segments: list[int], backend: str) -> Tensor:
+    return _backend.plan(backend, grad_sample.device).grad_sample_norms(grad_sample, segments)
 
 
-@grad_sample_norms.register_fake
+@_grad_sample_norms.register_fake
 def _(grad_sample, segments, backend):
     return grad_sample.new_empty((grad_sample.shape[0], len(segments) - 1), dtype=torch.float32)
 
 
+def grad_sample_norms(grad_sample: Tensor, segments: list[int], backend: Optional[str] = None) -> Tensor:
+    """(N, P) fp32 squared norms of each sample's gradient of each parameter: grad_sample (N, D)
+    holds parameter p in columns [segments[p], segments[p+1])."""
+    name = _backend.select("grad_sample_norms", grad_sample.device, torch.float32, backend)
+    return _grad_sample_norms(grad_sample, [int(s) for s in segments], name)
+
+
 @torch.library.custom_op("lorafast::clip_reduce_noise", mutates_args=())
-def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int], max_norms: list[float],
-                      per_layer: bool, acc: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
-                      seed: int, offset: int, out_scale: float, backend: str) -> Tensor:
-    """(D,) fp32 ``(acc + Σᵢ cᵢ gᵢ + std·ξ) · out_scale``; see ``reference.clip_reduce_noise``."""
-    kw = dict(per_layer=per_layer, acc=acc, noise=noise, noise_std=noise_std, seed=seed, offset=offset,
-              out_scale=out_scale)
-    if backend in TRITON_BACKENDS:
-        kernels = _backend.triton_kernels(grad_sample.device, "dp")
-        return kernels.clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, **kw)
-    if backend == "cuda":
-        return _backend.cuda_ops().clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise,
-                                                     noise_std, seed, offset, out_scale)
-    return reference.clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, **kw).to(torch.float32)
+def _clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int], max_norms: list[float],
+                       per_layer: bool, acc: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
+                       seed: int, offset: int, out_scale: float, backend: str) -> Tensor:
+    return _backend.plan(backend, grad_sample.device).clip_reduce_noise(
+        grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed, offset, out_scale)
 
 
-@clip_reduce_noise.register_fake
+@_clip_reduce_noise.register_fake
 def _(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed, offset, out_scale,
       backend):
     return grad_sample.new_empty((grad_sample.shape[1],), dtype=torch.float32)
+
+
+def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int], max_norms: list[float],
+                      per_layer: bool = False, acc: Optional[Tensor] = None, noise: Optional[Tensor] = None,
+                      noise_std: float = 0.0, seed: Optional[int] = None, offset: int = 0, out_scale: float = 1.0,
+                      backend: Optional[str] = None) -> Tensor:
+    """(D,) fp32 ``(acc + Σᵢ cᵢ gᵢ + std·ξ) · out_scale``: each sample's gradient gᵢ clipped
+    by cᵢ = min(1, C/‖gᵢ‖) (flat, ``max_norms[0]``) or per parameter (``per_layer``), summed,
+    plus N(0, noise_std²) noise (the given ``noise`` (D,), else Philox (seed, offset)); see
+    ``reference.clip_reduce_noise``. ``seed`` None draws a fresh key from the OS."""
+    name = _backend.select("clip_reduce_noise", grad_sample.device, torch.float32, backend)
+    return _clip_reduce_noise(grad_sample, sq_norms, [int(s) for s in segments], [float(c) for c in max_norms],
+                              bool(per_layer), acc, noise, float(noise_std), _noise_seed(seed), int(offset),
+                              float(out_scale), name)
 
 
 # ------------------------------------------------------------------ federated aggregation
 
 
 @torch.library.custom_op("lorafast::fedex_merge_", mutates_args=("weight", "compensation"))
-def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Tensor], backend: str) -> None:
-    """W += U V in place (fp32 accumulation), carrying rounding in ``compensation`` when given."""
-    if backend in TRITON_BACKENDS:
-        _backend.triton_kernels(weight.device, "fedex").fedex_merge_(weight, U, V, compensation)
-    elif backend == "cuda":
-        _backend.cuda_ops().fedex_merge_(weight, U, V, compensation)
-    else:
-        reference.fedex_merge_(weight, U, V, compensation)
+def _fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Tensor], backend: str) -> None:
+    _backend.plan(backend, weight.device).fedex_merge_(weight, U, V, compensation)
 
 
-@fedex_merge_.register_fake
+@_fedex_merge_.register_fake
 def _(weight, U, V, compensation, backend):
     return None
+
+
+def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Tensor] = None,
+                 backend: Optional[str] = None) -> None:
+    """W (out, in) += U (out, K) · V (K, in) in place, accumulated in fp32 (fp64 for an fp64 W);
+    with ``compensation`` C (fp32, W's shape) the rounding W's dtype drops is carried in C
+    (reference.fedex_merge_). W may be a strided view (a Conv1D weight's transpose)."""
+    name = _backend.select("fedex_merge_", weight.device, weight.dtype, backend)
+    _fedex_merge_(weight, U, V, compensation, name)
 
 
 # ------------------------------------------------------------------ split learning
 
 
 @torch.library.custom_op("lorafast::privatize", mutates_args=())
-def privatize(h: Tensor, clip_norm: float, noise_std: float, mode: str, seed: int, offset: int,
-              backend: str) -> tuple[Tensor, Tensor]:
-    """(y, sq): y = clip(h) + noise_std·ξ in h's dtype, sq the clipped rows' squared norms."""
-    if backend in TRITON_BACKENDS:
-        return _backend.triton_kernels(h.device, "split").privatize(h, clip_norm, noise_std, mode, seed, offset)
-    if backend == "cuda":
-        return _backend.cuda_ops().privatize(h, clip_norm, noise_std, mode, seed, offset)
-    y, sq = reference.privatize(h.detach(), clip_norm, noise_std, mode=mode, seed=seed, offset=offset)
-    return y, sq.to(torch.float32)
+def _privatize(h: Tensor, clip_norm: float, noise_std: float, mode: str, seed: int, offset: int,
+               backend: str) -> tuple[Tensor, Tensor]:
+    return _backend.plan(backend, h.device).privatize(h, clip_norm, noise_std, mode, seed, offset)
 
 
-@privatize.register_fake
+@_privatize.register_fake
 def _(h, clip_norm, noise_std, mode, seed, offset, backend):
-    rows, _ = reference.privatize_rows(h, mode)
+    rows, _ = _layout.privatize_rows(h.shape, mode)
     return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty((rows,), dtype=torch.float32)
 
 
@@ -237,4 +302,20 @@ def _privatize_backward(ctx, grad_y, _grad_sq):
     return reference.privatize_backward(grad_y, h, sq, ctx.clip_norm, mode=ctx.mode), None, None, None, None, None, None
 
 
-privatize.register_autograd(_privatize_backward, setup_context=_privatize_setup)
+_privatize.register_autograd(_privatize_backward, setup_context=_privatize_setup)
+
+
+def privatize(h: Tensor, clip_norm: float, noise_std: float, mode: str = "sample", seed: Optional[int] = None,
+              offset: int = 0, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(y, sq): y = clip(h) + noise_std·ξ in h's dtype, differentiable in h, and sq the clipped
+    rows' squared norms (fp32). ``mode`` "sample" clips each sample's whole activation, "token"
+    each vector along the last dim, "element" each element to [−C, C]; ξ are the Philox normals
+    of (seed, offset) over those rows (``seed`` None draws a fresh key from the OS)."""
+    name = _backend.select("privatize", h.device, h.dtype, backend, shape=(h.numel(),))
+    return _privatize(h, float(clip_norm), float(noise_std), mode, _noise_seed(seed), int(offset), name)
+
+
+# the registered ops by name (their OpOverloads), for torch.library.opcheck and the table above
+OP_NAMES = ("lora_linear_fwd", "lora_linear_bwd", "lora_linear_bwd_ps", "grad_sample_norms", "clip_reduce_noise",
+            "fedex_merge_", "privatize")
+REGISTERED = {name: getattr(torch.ops.lorafast, name).default for name in OP_NAMES}

@@ -19,3 +19,9 @@ def manual_seed(seed: int) -> None:
 def next_seed() -> int:
     """A fresh Philox key in [0, 2**63)."""
     return _stream.getrandbits(63)
+
+
+def os_seed() -> int:
+    """A 63-bit Philox key straight from the operating system, for noise that protects data:
+    never replayed by ``manual_seed``."""
+    return int.from_bytes(os.urandom(8), "little") >> 1

@@ -124,8 +124,9 @@ def env_lines() -> list[str]:
 
 
 # the ops and the size features their choice is made at (the LoRA linear: 4096², r=16, 8192 rows)
-OP_SHAPES = {"lora_linear": (8192, 4096, 4096, 16), "grad_sample_norms": None, "clip_reduce_noise": None,
-             "fedex_merge": None, "privatize": (2**24,)}
+# (by registered name; the LoRA linear's backward ops follow its forward's choice)
+OP_SHAPES = {"lora_linear_fwd": (8192, 4096, 4096, 16), "grad_sample_norms": None, "clip_reduce_noise": None,
+             "fedex_merge_": None, "privatize": (2**24,)}
 
 
 def op_paths() -> list[str]:
@@ -134,7 +135,7 @@ def op_paths() -> list[str]:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lines = [f"each op's path ({str(dtype).removeprefix('torch.')} tensors on {device}; the LoRA linear at "
-             f"(M, in, out, r) = {OP_SHAPES['lora_linear']}):"]
+             f"(M, in, out, r) = {OP_SHAPES['lora_linear_fwd']}):"]
     for op, shape in OP_SHAPES.items():
         op_dtype = torch.float32 if op in ("grad_sample_norms", "clip_reduce_noise") else dtype
         try:

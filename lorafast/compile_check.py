@@ -195,7 +195,8 @@ def _batch_sizes(sms: int) -> tuple[int, ...]:
 
 def _drive_lora(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
     import torch
-    from .kernels import lora_linear as K
+    from .plans import hybrid as H
+    from .plans import triton as K
     n = FEATURES
     tag = f"{str(dtype).removeprefix('torch.')}, adapters {str(adapter_dtype).removeprefix('torch.')}"
     for r in (RANK, *BIG_RANKS):
@@ -214,7 +215,7 @@ def _drive_lora(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
                 K.lora_linear_forward(x, W, A, B, bias, R, 0.5, p, SEED, OFFSET)
                 rec.case(f"lora_linear forward, hybrid ({tag}, r={r}, R={has_R:d}, bias={has_bias:d}, "
                          f"dropout={p > 0:d})")
-                K.HYBRID.lora_linear_forward(x, W, A, B, bias, R, 0.5, p, SEED, OFFSET)
+                H.lora_linear_forward(x, W, A, B, bias, R, 0.5, p, SEED, OFFSET)
                 for needs in itertools.product((False, True), repeat=5):
                     if not any(needs) or (needs[3] and not has_R) or (needs[4] and not has_bias):
                         continue
@@ -226,7 +227,7 @@ def _drive_lora(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
                     if needs[0]:   # the hybrid plan differs only in dx
                         rec.case(f"lora_linear backward, hybrid ({tag}, r={r}, R={has_R:d}, dropout={p > 0:d}, "
                                  f"grads x,A,B,R,bias={''.join(str(int(k)) for k in needs)})")
-                        K.HYBRID.lora_linear_backward(gy, x, W, A, B, R, h, 0.5, p, SEED, OFFSET, needs)
+                        H.lora_linear_backward(gy, x, W, A, B, R, h, 0.5, p, SEED, OFFSET, needs)
                 if not full or not has_bias:   # per-sample gradients never use the bias
                     continue
                 for T in (16, 32, 128):
@@ -248,23 +249,23 @@ def _drive_lora(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
 
 def _drive_dp(rec: _Recorder) -> None:
     import torch
-    from .kernels import dp as D
+    from .plans import triton as D
     segments = [0, 65536, 65536 + 4096, 200000]
     g = _meta(64, segments[-1], dtype=torch.float32)
     sq = _meta(64, len(segments) - 1, dtype=torch.float32)
     rec.case("DP per-sample norms")
-    D.grad_sample_sq_norms(g, segments)
+    D.grad_sample_norms(g, segments)
     for per_layer, has_acc, noise in itertools.product((False, True), (False, True), ("none", "philox", "given")):
         rec.case(f"DP clip-reduce-noise (per_layer={per_layer:d}, acc={has_acc:d}, noise={noise})")
-        D.clip_reduce_noise(g, sq, segments, [1.0, 0.5, 2.0], per_layer=per_layer,
-                            acc=_meta(segments[-1], dtype=torch.float32) if has_acc else None,
-                            noise=_meta(segments[-1], dtype=torch.float32) if noise == "given" else None,
-                            noise_std=0.0 if noise == "none" else 1.5, seed=SEED, offset=OFFSET, out_scale=0.1)
+        D.clip_reduce_noise(g, sq, segments, [1.0, 0.5, 2.0], per_layer,
+                            _meta(segments[-1], dtype=torch.float32) if has_acc else None,
+                            _meta(segments[-1], dtype=torch.float32) if noise == "given" else None,
+                            0.0 if noise == "none" else 1.5, SEED, OFFSET, 0.1)
 
 
 def _drive_fedex(rec: _Recorder, dtype) -> None:
     import torch
-    from .kernels import fedex as F
+    from .plans import triton as F
     W = _meta(FEATURES, FEATURES, dtype=dtype)
     U, V = _meta(FEATURES, 8 * RANK, dtype=torch.float32), _meta(8 * RANK, FEATURES, dtype=torch.float32)
     for comp in (False, True):
@@ -276,7 +277,7 @@ def _drive_fedex(rec: _Recorder, dtype) -> None:
 
 
 def _drive_privatize(rec: _Recorder, dtype) -> None:
-    from .kernels import split as S
+    from .plans import triton as S
     for mode, shape in (("sample", (8, 16, 64)), ("sample", (8, 64, 4096)), ("token", (8, 512, 4096)),
                         ("element", (8, 512, 4096))):
         for std in (0.0, 0.5):
@@ -290,7 +291,7 @@ def enumerate_launches(sms: int = SMS["sm_90a"], smem: Optional[int] = None) -> 
     on a GPU of ``sms`` SMs and ``smem`` bytes of shared memory per block (by default, that of
     the architecture in SMS with that many SMs)."""
     import torch
-    from .kernels.lora_linear import interpreted
+    from .kernels.common import interpreted
     if interpreted():
         raise RuntimeError("the compile check needs Triton's compiler, not its interpreter: run it with "
                            "TRITON_INTERPRET=0 (`lorafast check --compile` does)")

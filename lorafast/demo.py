@@ -45,7 +45,7 @@ def run() -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    chosen = _backend.select("lora_linear", torch.device(device), dtype)
+    chosen = _backend.select("lora_linear_fwd", torch.device(device), dtype)
     print(f"\n2. Best backend for {dtype} on {device}: {chosen}")
 
     print("\n3. Training a LoRALinear(64 -> 64, r=8) towards a low-rank target")

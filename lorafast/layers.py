@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _backend, _random
-from .functional import lora_linear
+from . import _ops, _random
+from ._ops import lora_linear
 
 VARIANTS = ("lora", "ffa", "xs", "sb")
 
@@ -147,8 +147,7 @@ class LoRALinear(nn.Module):
     def _fold(self, sign: float) -> None:
         U, V = self.delta_factors()
         w = self.base_weight
-        name = _backend.select("fedex_merge", w.device, w.dtype, None)
-        torch.ops.lorafast.fedex_merge_(w, (U * sign).contiguous(), V.contiguous(), None, name)
+        _ops.fedex_merge_(w, (U * sign).contiguous(), V.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

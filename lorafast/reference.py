@@ -11,7 +11,7 @@ counter c. Every call yields four 32-bit words, and every word is used: element
 ``offset + m·⌈K/4⌉ + ⌊k/4⌋`` (a 1-D tensor is one row), so ``offset`` counts calls and a
 tensor of M rows uses ``M·⌈K/4⌉`` of them. A word gives the uniform ``(x >> 8)·2⁻²⁴``
 in [0, 1); the words (x0, x1) and (x2, x3) of a call give two normals each by
-Box–Muller (cos and sin). The Triton kernels (kernels/random.py) and the CUDA kernels
+Box–Muller (cos and sin). The Triton kernels (kernels/philox.py) and the CUDA kernels
 (csrc/philox.cuh) draw exactly the same words.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._layout import privatize_rows
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -275,7 +277,7 @@ def clip_reduce_noise(grad_sample: Tensor, sq_norms: Tensor, segments: list[int]
 # ------------------------------------------------------------------ federated aggregation
 
 
-def _pad_rank(client_A: list[Tensor], client_B: list[Tensor]) -> tuple[Tensor, Tensor]:
+def stack_padded(client_A: list[Tensor], client_B: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Stack clients' factors zero-padded to the largest rank: A (k, r, in), B (k, out, r).
     Padding adds zero rows to A and zero columns to B, so every BᵢAᵢ is unchanged."""
     r = max(a.shape[0] for a in client_A)
@@ -285,23 +287,6 @@ def _pad_rank(client_A: list[Tensor], client_B: list[Tensor]) -> tuple[Tensor, T
     return A, B
 
 
-def fedex_factors(client_A: list[Tensor], client_B: list[Tensor], p: Tensor,
-                  scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(Ā, B̄, U, V) with Ā = Σ pᵢAᵢ, B̄ = Σ pᵢBᵢ and the centred, stacked factors
-
-        U = s·[p₁(B₁−B̄) … p_k(B_k−B̄)]  (out, K)      V = [A₁−Ā; …; A_k−Ā]  (K, in)
-
-    so that U V = s·Σ pᵢ(Bᵢ−B̄)(Aᵢ−Ā) = s·(Σ pᵢBᵢAᵢ − B̄Ā) when Σ pᵢ = 1 (K = k·r, ranks
-    zero-padded to the largest). The centred form has no cancellation when clients agree."""
-    A, B = _pad_rank(client_A, client_B)
-    p = p.to(A.dtype)
-    A_bar = torch.einsum("k,kri->ri", p, A)
-    B_bar = torch.einsum("k,kor->or", p, B)
-    U = (scaling * p[:, None, None] * (B - B_bar)).permute(1, 0, 2).reshape(B.shape[1], -1)
-    V = (A - A_bar).reshape(-1, A.shape[2])
-    return A_bar, B_bar, U, V
-
-
 def fedex_residual(client_A: list[Tensor], client_B: list[Tensor], client_weights=None,
                    scaling: float = 1.0) -> Tensor:
     """s·(Σ pᵢBᵢAᵢ − B̄Ā) (out, in) the plain way: k dense products, then subtract."""
@@ -309,7 +294,7 @@ def fedex_residual(client_A: list[Tensor], client_B: list[Tensor], client_weight
     w = torch.ones(k, dtype=torch.float64) if client_weights is None else torch.as_tensor(client_weights,
                                                                                             dtype=torch.float64)
     p = (w / w.sum()).tolist()
-    A, B = _pad_rank(client_A, client_B)
+    A, B = stack_padded(client_A, client_B)
     M = sum(pi * (B[i] @ A[i]) for i, pi in enumerate(p))
     A_bar = sum(pi * A[i] for i, pi in enumerate(p))
     B_bar = sum(pi * B[i] for i, pi in enumerate(p))
@@ -336,29 +321,19 @@ def fedex_merge_(weight: Tensor, U: Tensor, V: Tensor, compensation: Optional[Te
 
 # ------------------------------------------------------------------ split learning: privatize
 
-PRIVATIZE_MODES = ("sample", "token", "element")
-
-
-def privatize_rows(h: Tensor, mode: str) -> tuple[int, int]:
-    """(R, L): the rows whose L2 norm is clipped. "sample": one row per sample (B, rest);
-    "token": one per vector along the last dim; "element" clips elements, any split."""
-    L = h.shape[-1] if mode in ("token", "element") else math.prod(h.shape[1:])
-    return (h.numel() // L if L else 0), L
-
-
 def privatize(h: Tensor, clip_norm: float, noise_std: float, *, mode: str, seed: int,
               offset: int = 0) -> tuple[Tensor, Tensor]:
     """(y, sq): y = clip(h) + noise_std·ξ in h's dtype, and sq (R,) the rows' squared norms
     in fp32 (fp64 for fp64 h; zeros for "element").
 
-      "sample"/"token":  clip(x) = x · min(1, C/‖x‖) per row (see ``privatize_rows``)
+      "sample"/"token":  clip(x) = x · min(1, C/‖x‖) per row (see ``lorafast._layout.privatize_rows``)
       "element":         clip(x) = min(max(x, −C), C)
       ξ = normal_grid(seed, offset, R, L): the Philox normals of the (R, L) rows.
 
     Written with differentiable ops: autograd of this function is the reference for the
     backward (the clipping's Jacobian; the noise passes gradients straight through)."""
     acc = _acc_dtype(h)
-    R, L = privatize_rows(h, mode)
+    R, L = privatize_rows(h.shape, mode)
     x = h.to(acc).reshape(R, L)
     if mode == "element":
         sq = torch.zeros(R, dtype=acc, device=h.device)
@@ -381,7 +356,7 @@ def privatize_backward(grad_y: Tensor, h: Tensor, sq: Tensor, clip_norm: float, 
     a row with ‖x‖ = n > C, where y = C x/n, the Jacobian (C/n)(I − x̂x̂ᵀ):
     (C/n)·(g − x (x·g)/n²)."""
     acc = _acc_dtype(h)
-    R, L = privatize_rows(h, mode)
+    R, L = privatize_rows(h.shape, mode)
     x, g = h.to(acc).reshape(R, L), grad_y.to(acc).reshape(R, L)
     if mode == "element":
         dx = g * (x.abs() <= clip_norm)

@@ -10,8 +10,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import _backend, _ops, reference  # noqa: F401  (_ops registers the lorafast:: ops)
-from .functional import lora_linear
+from . import _backend, _ops, reference
+from ._ops import lora_linear
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (variant, x shape, in, out, r, dropout_p)
@@ -105,7 +105,7 @@ def check_lora_per_sample(backend: str, device: str, dtype: torch.dtype, case) -
     bufs = [torch.zeros(sh, device=device) if k else None for sh, k in zip(shapes, needs)]
     kw = dict(scaling=0.5, dropout_p=p, seed=99, offset=0)
     _, h = reference.lora_linear_forward(x, W, A, B, None, R, **kw)
-    dx = torch.ops.lorafast.lora_linear_bwd_ps(gy, x, W, A, B, R, h, 0.5, p, 99, 0, n, True, *bufs, 1.0, backend)
+    dx = _ops.lora_linear_bwd_ps(gy, x, W, A, B, R, h, 0.5, p, 99, 0, n, True, *bufs, 1.0, backend)
     d = lambda t: t.double() if t is not None else None  # noqa: E731
     want = reference.lora_linear_per_sample_grads(d(gy), d(x), d(A), d(B), d(R), d(h), batch=n, needs=needs, **kw)
     dx_want = reference.lora_linear_backward(d(gy), d(x), d(W), d(A), d(B), d(R), d(h), needs=(True,) + (False,) * 4,
@@ -124,9 +124,8 @@ def check_clip_reduce_noise(backend: str, device: str, per_layer: bool) -> Row:
     gs = (torch.randn(9, 150, generator=g) * 3).to(device)
     gs[4, 7] = float("inf")
     bounds = [1.0, 0.5, 2.0] if per_layer else [2.5]
-    sq = torch.ops.lorafast.grad_sample_norms(gs, segments, backend)
-    out = torch.ops.lorafast.clip_reduce_noise(gs, sq, segments, bounds, per_layer, None, None, 0.7, 5, 2**33,
-                                               0.25, backend)
+    sq = _ops.grad_sample_norms(gs, segments, backend)
+    out = _ops.clip_reduce_noise(gs, sq, segments, bounds, per_layer, None, None, 0.7, 5, 2**33, 0.25, backend)
     sq_want = reference.grad_sample_sq_norms(gs.double(), segments)
     want = reference.clip_reduce_noise(gs.double(), sq_want, segments, bounds, per_layer=per_layer,
                                        noise_std=0.7, seed=5, offset=2**33, out_scale=0.25)
@@ -160,7 +159,7 @@ def check_privatize(backend: str, device: str, dtype: torch.dtype, mode: str) ->
     """lorafast::privatize (clip + Philox noise) against float64 with the same noise stream."""
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     h = (torch.randn(3, 7, 45, generator=g) * 2).to(device=device, dtype=dtype)
-    y, _ = torch.ops.lorafast.privatize(h, 1.5, 0.6, mode, 9, 0, backend)
+    y, _ = _ops.privatize(h, 1.5, 0.6, mode, 9, 0, backend)
     want, _ = reference.privatize(h.double(), 1.5, 0.6, mode=mode, seed=9)
     return Row("privatize", backend, device, str(dtype).replace("torch.", ""), f"B=3 T=7 d=45 {mode}",
                rel_err(y, want), TOLERANCES[dtype])

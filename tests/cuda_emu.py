@@ -8,7 +8,7 @@ and reductions are then the code that runs on a GPU, on CPU tensors at tiny size
 emulation cannot show (speed, the memory model, the torch binding in bindings.cpp) is left to
 the GPU tests.
 
-``EmulatedOps`` mirrors the ``lorafast_cuda`` ops that lorafast/_cuda_lora.py composes, so the
+``EmulatedOps`` mirrors the ``lorafast_cuda`` ops that lorafast/plans/cuda.py calls, so the
 CUDA backend's LoRA plan runs end to end here.
 """
 from __future__ import annotations
@@ -128,7 +128,7 @@ class EmulatedOps:
     # ---- the fused ops, with bindings.cpp's host-side steps in Python
 
     def privatize(self, h, clip_norm, noise_std, mode, seed, offset):
-        from lorafast.reference import privatize_rows
+        from lorafast._layout import privatize_rows
         x = h.contiguous()
         rows, cols = privatize_rows(x, mode)
         y = torch.empty_like(x)
@@ -209,20 +209,10 @@ def emulated_ops() -> EmulatedOps:
 
 
 def activate(monkeypatch) -> EmulatedOps:
-    """Route backend="cuda" on CPU tensors to the emulation for one test: the op bodies' CUDA
-    branches, the LoRA plan's ops, and backend selection (which would refuse CPU tensors)."""
-    from lorafast import _backend, _cuda, _cuda_lora
+    """Route backend="cuda" to the emulation for one test, on CPU tensors too: the plan's
+    lorafast_cuda ops become the emulated ones (``_backend.cuda_ops_standin``, undone at the
+    test's end)."""
+    from lorafast import _backend
     emu = emulated_ops()
-    original = _backend.select
-
-    def select(op, device, dtype, backend=None, **kw):
-        if _backend.requested(backend) == "cuda" and torch.device(device).type == "cpu":
-            if op not in _cuda.OPS:
-                raise RuntimeError(f"{op}: the CUDA backend has no kernel for this op")
-            return "cuda"
-        return original(op, device, dtype, backend, **kw)
-
-    monkeypatch.setattr(_backend, "select", select)
-    monkeypatch.setattr(_backend, "cuda_ops", lambda: emu)
-    monkeypatch.setattr(_cuda_lora, "_ops_override", emu)
+    monkeypatch.setattr(_backend, "_cuda_ops_override", emu)
     return emu

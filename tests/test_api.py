@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lorafast
-from lorafast import _backend
+from lorafast import _backend, _ops
 from helpers import make_params
 
 
@@ -19,24 +19,24 @@ def test_available_backends():
 
 
 def test_automatic_selection_never_picks_the_interpreter():
-    assert _backend.select("op", torch.device("cpu"), torch.float32) == "torch"
-    assert _backend.select("op", torch.device("cpu"), torch.float64) == "torch"
+    assert _backend.select("privatize", torch.device("cpu"), torch.float32) == "torch"
+    assert _backend.select("privatize", torch.device("cpu"), torch.float64) == "torch"
 
 
 def test_precedence_argument_override_env(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("LORAFAST_BACKEND", "torch")
-    assert _backend.select("op", cpu, torch.float32) == "torch"
+    assert _backend.select("privatize", cpu, torch.float32) == "torch"
     if "triton" in lorafast.available_backends() and not torch.cuda.is_available():
         monkeypatch.setenv("LORAFAST_BACKEND", "triton")
-        assert _backend.select("op", cpu, torch.float32) == "triton"
+        assert _backend.select("privatize", cpu, torch.float32) == "triton"
         with lorafast.use_backend("torch"):
-            assert _backend.select("op", cpu, torch.float32) == "torch"
-            assert _backend.select("op", cpu, torch.float32, "triton") == "triton"
-        assert _backend.select("op", cpu, torch.float32) == "triton"
+            assert _backend.select("privatize", cpu, torch.float32) == "torch"
+            assert _backend.select("privatize", cpu, torch.float32, "triton") == "triton"
+        assert _backend.select("privatize", cpu, torch.float32) == "triton"
     monkeypatch.setenv("LORAFAST_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="LORAFAST_BACKEND"):
-        _backend.select("op", cpu, torch.float32)
+        _backend.select("privatize", cpu, torch.float32)
 
 
 def test_set_backend_roundtrip():
@@ -126,7 +126,7 @@ def test_opcheck(backend_device, dropout_p, with_r):
     backend, device = backend_device
     if device != "cpu":
         pytest.skip("opcheck on CPU tensors")
-    torch.library.opcheck(torch.ops.lorafast.lora_linear_fwd.default, _op_args(backend, dropout_p, with_r))
+    torch.library.opcheck(_ops.REGISTERED["lora_linear_fwd"], _op_args(backend, dropout_p, with_r))
 
 
 def test_torch_compile_fullgraph(backend_device):

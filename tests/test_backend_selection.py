@@ -22,20 +22,20 @@ def table(tmp_path, monkeypatch):
 
 
 def test_no_measurements_means_no_opinion(table):
-    assert _selection.fastest(GPU, "lora_linear", "bfloat16", (512, 64, 64, 8), ["triton", "cuda"]) is None
+    assert _selection.fastest(GPU, "lora_linear_fwd", "bfloat16", (512, 64, 64, 8), ["triton", "cuda"]) is None
 
 
 def test_nearest_recorded_shape_decides(table):
-    _selection.record(GPU, "lora_linear", "bfloat16", (512, 4096, 4096, 16), {"triton": 1.0, "cuda": 0.8})
-    _selection.record(GPU, "lora_linear", "bfloat16", (8192, 4096, 4096, 16), {"triton": 2.0, "cuda": 3.0})
-    pick = lambda shape: _selection.fastest(GPU, "lora_linear", "bfloat16", shape, ["triton", "cuda"])  # noqa: E731
+    _selection.record(GPU, "lora_linear_fwd", "bfloat16", (512, 4096, 4096, 16), {"triton": 1.0, "cuda": 0.8})
+    _selection.record(GPU, "lora_linear_fwd", "bfloat16", (8192, 4096, 4096, 16), {"triton": 2.0, "cuda": 3.0})
+    pick = lambda shape: _selection.fastest(GPU, "lora_linear_fwd", "bfloat16", shape, ["triton", "cuda"])  # noqa: E731
     assert pick((600, 4096, 4096, 16)) == "cuda"
     assert pick((6000, 4096, 4096, 16)) == "triton"
     # other dtypes, ops and GPUs have no entries
-    assert _selection.fastest(GPU, "lora_linear", "float16", (600, 4096, 4096, 16), ["triton", "cuda"]) is None
-    assert _selection.fastest("other", "lora_linear", "bfloat16", (600, 4096, 4096, 16), ["triton"]) is None
+    assert _selection.fastest(GPU, "lora_linear_fwd", "float16", (600, 4096, 4096, 16), ["triton", "cuda"]) is None
+    assert _selection.fastest("other", "lora_linear_fwd", "bfloat16", (600, 4096, 4096, 16), ["triton"]) is None
     # a candidate without a time at that shape makes the entry unusable
-    assert _selection.fastest(GPU, "lora_linear", "bfloat16", (600, 4096, 4096, 16), ["triton", "torch"]) is None
+    assert _selection.fastest(GPU, "lora_linear_fwd", "bfloat16", (600, 4096, 4096, 16), ["triton", "torch"]) is None
 
 
 def test_record_replaces_the_same_shape_and_survives_junk(table):
@@ -48,13 +48,13 @@ def test_record_replaces_the_same_shape_and_survives_junk(table):
 
 
 def test_select_uses_measurements_and_never_an_unusable_cuda(table, monkeypatch):
-    _selection.record(GPU, "lora_linear", "bfloat16", (512, 64, 64, 8), {"hybrid": 1.0, "triton": 1.0, "cuda": 0.5})
+    _selection.record(GPU, "lora_linear_fwd", "bfloat16", (512, 64, 64, 8), {"hybrid": 1.0, "triton": 1.0, "cuda": 0.5})
     monkeypatch.setattr(_backend, "_gpu_name", lambda index: GPU)
     dev = torch.device("cuda", 0)
     monkeypatch.setattr(_backend, "_cuda_usable", lambda: True)
-    assert _backend._measured_choice("lora_linear", dev, torch.bfloat16, (512, 64, 64, 8), True)[0] == "cuda"
+    assert _backend._measured_choice("lora_linear_fwd", dev, torch.bfloat16, (512, 64, 64, 8), True)[0] == "cuda"
     monkeypatch.setattr(_backend, "_cuda_usable", lambda: False)
-    assert _backend._measured_choice("lora_linear", dev, torch.bfloat16, (512, 64, 64, 8), True) is None
+    assert _backend._measured_choice("lora_linear_fwd", dev, torch.bfloat16, (512, 64, 64, 8), True) is None
     # ops the CUDA backend does not know fall back to the default
     assert _backend._measured_choice("no_such_op", dev, torch.bfloat16, (512, 64, 64, 8), True) is None
 
@@ -63,7 +63,7 @@ def test_explicit_cuda_without_the_toolchain_is_a_clear_error():
     if _backend.cuda_status()[0]:
         pytest.skip("the CUDA backend is usable here")
     with pytest.raises(RuntimeError, match="backend='cuda' was requested but"):
-        _backend.select("lora_linear", torch.device("cpu"), torch.float32, "cuda")
+        _backend.select("lora_linear_fwd", torch.device("cpu"), torch.float32, "cuda")
 
 
 # ------------------------------------------------------------------ the default GPU path
@@ -86,52 +86,52 @@ SHAPE = (8192, 4096, 4096, 16)
 def test_without_a_table_the_lora_linear_takes_cublas_base_gemms(fake_gpu, dtype):
     """Never slower than PEFT by construction: no measurement, no fused GEMM (fp32 included,
     which would otherwise run the FMA Triton GEMM); ops without base GEMMs take Triton."""
-    name, why = _backend.choose("lora_linear", fake_gpu, dtype, None, SHAPE)
+    name, why = _backend.choose("lora_linear_fwd", fake_gpu, dtype, None, SHAPE)
     assert name == "hybrid" and "no measured table" in why and GPU in why
-    assert _backend.select("lora_linear", fake_gpu, dtype) == "hybrid"       # no shape: the same default
+    assert _backend.select("lora_linear_fwd", fake_gpu, dtype) == "hybrid"       # no shape: the same default
     for op in ("privatize", "fedex_merge", "clip_reduce_noise"):
         assert _backend.select(op, fake_gpu, dtype, shape=(1000,)) == "triton"
 
 
 def test_a_measured_table_chooses_the_fused_path_only_where_it_won(fake_gpu):
-    _selection.record(GPU, "lora_linear", "bfloat16", (2048, 4096, 4096, 16), {"hybrid": 1.0, "triton": 0.9})
-    _selection.record(GPU, "lora_linear", "bfloat16", (8192, 4096, 4096, 16), {"hybrid": 3.0, "triton": 3.3,
+    _selection.record(GPU, "lora_linear_fwd", "bfloat16", (2048, 4096, 4096, 16), {"hybrid": 1.0, "triton": 0.9})
+    _selection.record(GPU, "lora_linear_fwd", "bfloat16", (8192, 4096, 4096, 16), {"hybrid": 3.0, "triton": 3.3,
                                                                                "cuda": 3.6})
-    name, why = _backend.choose("lora_linear", fake_gpu, torch.bfloat16, None, (2048, 4096, 4096, 16))
+    name, why = _backend.choose("lora_linear_fwd", fake_gpu, torch.bfloat16, None, (2048, 4096, 4096, 16))
     assert name == "triton" and "measured fastest" in why and "hybrid 1 ms" in why
-    assert _backend.select("lora_linear", fake_gpu, torch.bfloat16, shape=(8000, 4096, 4096, 16)) == "hybrid"
+    assert _backend.select("lora_linear_fwd", fake_gpu, torch.bfloat16, shape=(8000, 4096, 4096, 16)) == "hybrid"
     # another dtype has no entry: the default
-    assert _backend.select("lora_linear", fake_gpu, torch.float16, shape=(2048, 4096, 4096, 16)) == "hybrid"
+    assert _backend.select("lora_linear_fwd", fake_gpu, torch.float16, shape=(2048, 4096, 4096, 16)) == "hybrid"
 
 
 def test_a_table_that_never_timed_the_default_cannot_replace_it(fake_gpu):
     """An entry timing only triton and cuda (as tables did before the hybrid plan) says nothing
     about beating cuBLAS base GEMMs."""
-    _selection.record(GPU, "lora_linear", "bfloat16", SHAPE, {"triton": 1.0, "cuda": 2.0})
-    assert _backend.select("lora_linear", fake_gpu, torch.bfloat16, shape=SHAPE) == "hybrid"
+    _selection.record(GPU, "lora_linear_fwd", "bfloat16", SHAPE, {"triton": 1.0, "cuda": 2.0})
+    assert _backend.select("lora_linear_fwd", fake_gpu, torch.bfloat16, shape=SHAPE) == "hybrid"
     # for ops without base GEMMs, triton vs cuda is the whole choice
     _selection.record(GPU, "privatize", "bfloat16", (1000,), {"triton": 2.0, "cuda": 1.0})
     assert _backend.select("privatize", fake_gpu, torch.bfloat16, shape=(1000,)) == "cuda"
 
 
 def test_explicit_choices_and_their_reasons(fake_gpu, monkeypatch):
-    assert _backend.choose("lora_linear", fake_gpu, torch.bfloat16, "triton", SHAPE) == \
+    assert _backend.choose("lora_linear_fwd", fake_gpu, torch.bfloat16, "triton", SHAPE) == \
         ("triton", "asked for (backend= argument)")
     with _backend.use_backend("hybrid"):
         name, why = _backend.choose("privatize", fake_gpu, torch.bfloat16, None, (10,))
         assert name == "triton" and "no base GEMM" in why
-        assert _backend.select("lora_linear", fake_gpu, torch.bfloat16) == "hybrid"
+        assert _backend.select("lora_linear_fwd", fake_gpu, torch.bfloat16) == "hybrid"
     monkeypatch.setenv("LORAFAST_BACKEND", "hybrid")
-    assert _backend.choose("lora_linear", fake_gpu, torch.bfloat16)[1] == "asked for (LORAFAST_BACKEND)"
+    assert _backend.choose("lora_linear_fwd", fake_gpu, torch.bfloat16)[1] == "asked for (LORAFAST_BACKEND)"
 
 
 def test_gpus_that_triton_cannot_serve_fall_back_to_the_reference(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    name, why = _backend.choose("lora_linear", fake_gpu, torch.bfloat16, None, SHAPE)
+    name, why = _backend.choose("lora_linear_fwd", fake_gpu, torch.bfloat16, None, SHAPE)
     assert name == "torch" and "too old" in why
-    assert _backend.select("lora_linear", fake_gpu, torch.float16, shape=SHAPE) == "hybrid"
+    assert _backend.select("lora_linear_fwd", fake_gpu, torch.float16, shape=SHAPE) == "hybrid"
     with pytest.raises(ValueError, match="backend='hybrid' cannot run here"):
-        _backend.select("lora_linear", fake_gpu, torch.bfloat16, "hybrid")
+        _backend.select("lora_linear_fwd", fake_gpu, torch.bfloat16, "hybrid")
 
 
 def test_env_shows_each_ops_path(fake_gpu):
@@ -139,7 +139,7 @@ def test_env_shows_each_ops_path(fake_gpu):
     lines = "\n".join(cli.op_paths())
     for op in cli.OP_SHAPES:
         assert op in lines
-    assert "lora_linear" in lines and "torch" in lines     # this machine has no GPU: CPU tensors
+    assert "lora_linear_fwd" in lines and "torch" in lines     # this machine has no GPU: CPU tensors
 
 
 def test_the_hybrid_plan_runs_the_base_gemms_through_torch_mm(monkeypatch):

@@ -51,7 +51,7 @@ def test_env_names_every_backend_and_why():
     assert proc.returncode == 0, proc.stderr
     for word in ("torch ", "triton", "hybrid", "cuda", "backends:", "nvcc", "measured tables", "each op's path"):
         assert word in proc.stdout, word
-    for op in ("lora_linear", "grad_sample_norms", "clip_reduce_noise", "fedex_merge", "privatize"):
+    for op in ("lora_linear_fwd", "grad_sample_norms", "clip_reduce_noise", "fedex_merge_", "privatize"):
         assert f"  {op} " in proc.stdout, op
     if not torch.cuda.is_available():
         assert "cuda    unavailable:" in proc.stdout

@@ -18,7 +18,8 @@ import cuda_emu
 import lorafast
 from conftest import HAS_CUDA, rel_err
 from helpers import fresh_seed
-from lorafast import _cuda_lora, reference
+from lorafast import _ops, reference
+from lorafast.plans import cuda as cuda_plan
 
 emulated = pytest.mark.skipif(not cuda_emu.available(), reason="no C++ compiler for the CUDA emulation")
 
@@ -27,14 +28,14 @@ def _dropped_by_rank_reduce(x, p, seed, offset):
     """drop(x) through the CUDA projection pass: OUT = drop(x) · I."""
     eye = torch.eye(x.shape[1], device=x.device)
     out = torch.zeros(x.shape, device=x.device)
-    _cuda_lora.ops().rank_reduce(x, eye, out, 1.0, None, None, 1.0, 0, None, p, seed, offset)
+    cuda_plan.ops().rank_reduce(x, eye, out, 1.0, None, None, 1.0, 0, None, p, seed, offset)
     return out
 
 
 def _dropped_by_triton(x, p, seed, offset):
     from lorafast.kernels import lora_linear as tk
     out = torch.zeros(x.shape, device=x.device)
-    tk._project(x, P=torch.eye(x.shape[1], device=x.device), out=out, r=x.shape[1], dropout_p=p, seed=seed,
+    tk.project(x, P=torch.eye(x.shape[1], device=x.device), out=out, r=x.shape[1], dropout_p=p, seed=seed,
                 offset=offset)
     return out
 
@@ -72,16 +73,16 @@ def test_ranks_above_the_kernel_tile_go_in_slices(monkeypatch, dtype):
     gy = torch.randn(batch, T, out_f).to(dtype)
     kw = dict(scaling=s, dropout_p=p, seed=7, offset=0)
     y_ref, h_ref = reference.lora_linear_forward(x.double(), W.double(), A.double(), B.double(), None, R.double(), **kw)
-    y, h = torch.ops.lorafast.lora_linear_fwd(x, W, A, B, None, R, s, p, 7, 0, "cuda")
+    y, h = _ops.lora_linear_fwd(x, W, A, B, None, R, s, p, 7, 0, "cuda")
     assert rel_err(h, h_ref) < 1e-5 and rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     needs = [True, True, True, True, False]
-    grads = torch.ops.lorafast.lora_linear_bwd(gy, x, W, A, B, R, None, h, s, p, 7, 0, needs, "cuda")
+    grads = _ops.lora_linear_bwd(gy, x, W, A, B, R, None, h, s, p, 7, 0, needs, "cuda")
     want = reference.lora_linear_backward(gy.double(), x.double(), W.double(), A.double(), B.double(), R.double(),
                                           h_ref, needs=tuple(needs), **kw)
     for name, g, w in zip("x A B R".split(), grads, want):
         assert rel_err(g, w) < (1e-5 if dtype == torch.float32 or name != "x" else 1e-2), name
     bufs = [torch.zeros(batch, r, in_f), torch.zeros(batch, out_f, r), torch.zeros(batch, r, r)]
-    torch.ops.lorafast.lora_linear_bwd_ps(gy, x, W, A, B, R, h, s, p, 7, 0, batch, False, *bufs, 1.0, "cuda")
+    _ops.lora_linear_bwd_ps(gy, x, W, A, B, R, h, s, p, 7, 0, batch, False, *bufs, 1.0, "cuda")
     ps_want = reference.lora_linear_per_sample_grads(gy.double(), x.double(), A.double(), B.double(), R.double(),
                                                      h_ref, batch=batch, needs=(True, True, True), **kw)
     for got, w in zip(bufs, ps_want):
@@ -100,8 +101,8 @@ def test_each_gradient_alone(monkeypatch, needs):
     M, in_f, out_f, r, s = 21, 13, 37, 3, 0.5
     x, gy = torch.randn(M, in_f), torch.randn(M, out_f)
     W, A, B, bias = torch.randn(out_f, in_f), torch.randn(r, in_f), torch.randn(out_f, r), torch.randn(out_f)
-    _, h = torch.ops.lorafast.lora_linear_fwd(x, W, A, B, bias, None, s, 0.0, 0, 0, "cuda")
-    got = torch.ops.lorafast.lora_linear_bwd(gy, x, W, A, B, None, bias, h, s, 0.0, 0, 0, needs, "cuda")
+    _, h = _ops.lora_linear_fwd(x, W, A, B, bias, None, s, 0.0, 0, 0, "cuda")
+    got = _ops.lora_linear_bwd(gy, x, W, A, B, None, bias, h, s, 0.0, 0, 0, needs, "cuda")
     want = reference.lora_linear_backward(gy.double(), x.double(), W.double(), A.double(), B.double(), None,
                                           h.double(), scaling=s, dropout_p=0.0, seed=0, offset=0,
                                           needs=tuple(needs))
@@ -122,7 +123,7 @@ def test_splitting_k_across_blocks_changes_only_rounding(monkeypatch):
     for sms in (1, 64):
         emu.sms = sms
         out, dw, db = torch.zeros(40, 5), torch.zeros(200, 5), torch.zeros(200)
-        _cuda_lora.ops().rank_reduce(x, P, out, 0.5, L, dw, 2.0, 0, db, 0.0, 0, 0)
+        cuda_plan.ops().rank_reduce(x, P, out, 0.5, L, dw, 2.0, 0, db, 0.0, 0, 0)
         results.append((out, dw, db))
     emu.sms = 2
     for a, b in zip(*results):
@@ -160,7 +161,7 @@ def test_rank_reduce_tile_plans_match_float64(monkeypatch, r):
         out, db = torch.zeros(M, r), torch.zeros(K)
         dw = torch.zeros(N, K, r) if layout == "rank" else torch.zeros(N, r, K).transpose(1, 2)
         emu.sms = sms
-        _cuda_lora.ops().rank_reduce(x, P, out, 0.5, L, dw, 2.0, T, db, p, seed, offset)
+        cuda_plan.ops().rank_reduce(x, P, out, 0.5, L, dw, 2.0, T, db, p, seed, offset)
         emu.sms = 2
         dw_want = 2.0 * torch.einsum("ntk,ntr->nkr", d.view(N, T, K), L.double().view(N, T, r))
         what = (layout, dtype, column_major, sms)
@@ -267,9 +268,9 @@ def test_lora_linear_agrees_with_triton(dtype, variant):
     gy = torch.randn(M, out_f, device=dev, dtype=dtype)
     outs = {}
     for backend in ("triton", "cuda"):
-        y, h = torch.ops.lorafast.lora_linear_fwd(x, W, A, B, bias, R, s, p, 99, 0, backend)
+        y, h = _ops.lora_linear_fwd(x, W, A, B, bias, R, s, p, 99, 0, backend)
         needs = [True, True, True, R is not None, True]
-        grads = torch.ops.lorafast.lora_linear_bwd(gy, x, W, A, B, R, bias, h, s, p, 99, 0, needs, backend)
+        grads = _ops.lora_linear_bwd(gy, x, W, A, B, R, bias, h, s, p, 99, 0, needs, backend)
         outs[backend] = (y, h, *[g for g, n in zip(grads, needs) if n])
     tol = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]   # TF32 vs fp32 rank parts
     for i, (a, b) in enumerate(zip(outs["cuda"], outs["triton"])):
@@ -293,6 +294,6 @@ def test_dropout_mask_bit_identical_to_triton_on_gpu(p):
 def test_privatize_noise_agrees_with_triton(mode):
     _cuda_ready()
     h = torch.randn(8, 33, 300, device="cuda", dtype=torch.bfloat16)
-    ya, sqa = torch.ops.lorafast.privatize(h, 1.0, 0.5, mode, 123, 0, "cuda")
-    yb, sqb = torch.ops.lorafast.privatize(h, 1.0, 0.5, mode, 123, 0, "triton")
+    ya, sqa = _ops.privatize(h, 1.0, 0.5, mode, 123, 0, "cuda")
+    yb, sqb = _ops.privatize(h, 1.0, 0.5, mode, 123, 0, "triton")
     assert rel_err(ya, yb) < 1e-2 and rel_err(sqa, sqb) < 1e-5

@@ -8,7 +8,7 @@ import torch
 import lorafast
 from conftest import HAS_CUDA, backend_devices, backend_ids, rel_err
 from helpers import DTYPES, fresh_seed
-from lorafast import reference
+from lorafast import _ops, reference
 
 # Per-sample gradients read x and dY in their dtype but accumulate in fp32, so against a
 # float64 reference on the same inputs the error is fp32's, except on a GPU where the
@@ -50,13 +50,13 @@ def test_per_sample_grads_match_float64(lora_backend_device, shape, variant, dty
     batch, T, in_f, out_f, r, layout = shape
     x, gy, W, A, B, R = _inputs(batch, T, in_f, out_f, r, layout, dtype, device, variant)
     s, seed, offset, ps_scale = 0.7, 1234, 5, 3.0
-    _, h = torch.ops.lorafast.lora_linear_fwd(x, W, A, B, None, R, s, dropout_p, seed, offset, "torch")
+    _, h = _ops.lora_linear_fwd(x, W, A, B, None, R, s, dropout_p, seed, offset, "torch")
     trains = {"lora": (True, True, False), "ffa": (False, True, False), "xs": (False, False, True)}[variant]
     shapes = ((batch, r, in_f), (batch, out_f, r), (batch, r, r))
     # the buffers start non-zero: the op accumulates into them
     start = [torch.randn(sh, device=device) if t else None for sh, t in zip(shapes, trains)]
     bufs = [b.clone() if b is not None else None for b in start]
-    dx = torch.ops.lorafast.lora_linear_bwd_ps(gy, x, W, A, B, R, h, s, dropout_p, seed, offset, batch, True,
+    dx = _ops.lora_linear_bwd_ps(gy, x, W, A, B, R, h, s, dropout_p, seed, offset, batch, True,
                                                *bufs, ps_scale, backend)
 
     f64 = lambda t: t.double() if t is not None else None  # noqa: E731
@@ -81,10 +81,10 @@ def test_per_sample_grads_sum_to_batch_grads(lora_backend_device, variant):
     backend, device = lora_backend_device
     fresh_seed()
     x, gy, W, A, B, R = _inputs(4, 6, 19, 21, 3, "3d", torch.float32, device, variant)
-    _, h = torch.ops.lorafast.lora_linear_fwd(x, W, A, B, None, R, 0.5, 0.0, 0, 0, "torch")
+    _, h = _ops.lora_linear_fwd(x, W, A, B, None, R, 0.5, 0.0, 0, 0, "torch")
     bufs = [torch.zeros(4, 3, 19, device=device), torch.zeros(4, 21, 3, device=device),
             torch.zeros(4, 3, 3, device=device) if R is not None else None]
-    torch.ops.lorafast.lora_linear_bwd_ps(gy, x, W, A, B, R, h, 0.5, 0.0, 0, 0, 4, False, *bufs, 1.0, backend)
+    _ops.lora_linear_bwd_ps(gy, x, W, A, B, R, h, 0.5, 0.0, 0, 0, 4, False, *bufs, 1.0, backend)
     _, dA, dB, dR, _ = reference.lora_linear_backward(gy, x, W, A, B, R, h, scaling=0.5, dropout_p=0.0, seed=0,
                                                       offset=0, needs=(False, True, True, R is not None, False))
     for got, ref in zip(bufs, (dA, dB, dR)):
@@ -98,7 +98,7 @@ def test_empty_batch(lora_backend_device):
     x, gy = x[:0], gy[:0]
     h = torch.zeros(0, 2, device=device)
     bufs = [torch.zeros(0, 2, 8, device=device), torch.zeros(0, 9, 2, device=device), None]
-    dx = torch.ops.lorafast.lora_linear_bwd_ps(gy, x, W, A, B, None, h, 1.0, 0.0, 0, 0, 0, True, *bufs, 1.0,
+    dx = _ops.lora_linear_bwd_ps(gy, x, W, A, B, None, h, 1.0, 0.0, 0, 0, 0, True, *bufs, 1.0,
                                                backend)
     assert dx.shape == x.shape
 
@@ -116,7 +116,7 @@ def test_sq_norms_match_float64(backend_device):
     backend, device = backend_device
     fresh_seed()
     g = _grad_sample(9, device)
-    sq = torch.ops.lorafast.grad_sample_norms(g, SEGMENTS, backend)
+    sq = _ops.grad_sample_norms(g, SEGMENTS, backend)
     ref = reference.grad_sample_sq_norms(g.double(), SEGMENTS)
     assert sq.shape == (9, 4) and sq.dtype == torch.float32
     assert rel_err(sq, ref) < 1e-5
@@ -140,7 +140,7 @@ def test_clip_reduce_noise_matches_float64(backend_device, per_layer, noise):
     std = 0.0 if noise == "none" else 0.8
     kw = dict(per_layer=per_layer, acc=acc, noise=noise_t, noise_std=std, seed=2**62 + 9, offset=2**33 + 1,
               out_scale=0.25)
-    got = torch.ops.lorafast.clip_reduce_noise(g, sq, SEGMENTS, bounds, per_layer, acc, noise_t, std, kw["seed"],
+    got = _ops.clip_reduce_noise(g, sq, SEGMENTS, bounds, per_layer, acc, noise_t, std, kw["seed"],
                                                kw["offset"], 0.25, backend)
     ref = reference.clip_reduce_noise(g.double(), sq.double(), SEGMENTS, bounds, **kw)
     assert torch.isfinite(got).all()
@@ -152,9 +152,9 @@ def test_clip_bounds_every_sample(backend_device):
     backend, device = backend_device
     fresh_seed()
     g = _grad_sample(6, device) * 10
-    sq = torch.ops.lorafast.grad_sample_norms(g, SEGMENTS, backend)
+    sq = _ops.grad_sample_norms(g, SEGMENTS, backend)
     for i in range(6):
-        one = torch.ops.lorafast.clip_reduce_noise(g[i:i + 1], sq[i:i + 1], SEGMENTS, [0.7], False, None, None, 0.0,
+        one = _ops.clip_reduce_noise(g[i:i + 1], sq[i:i + 1], SEGMENTS, [0.7], False, None, None, 0.0,
                                                    0, 0, 1.0, backend)
         norm = one.norm().item()
         assert norm <= 0.7 * (1 + 1e-5)
@@ -167,11 +167,11 @@ def test_clip_bounds_every_sample(backend_device):
 def _kernel_noise(backend, device, n, seed, offset):
     """Pure noise from the fused step: no samples, std 1."""
     empty = torch.zeros(0, n, device=device)
-    return torch.ops.lorafast.clip_reduce_noise(empty, torch.zeros(0, 1, device=device), [0, n], [1.0], False,
+    return _ops.clip_reduce_noise(empty, torch.zeros(0, 1, device=device), [0, n], [1.0], False,
                                                 None, None, 1.0, seed, offset, 1.0, backend)
 
 
-@pytest.fixture(params=backend_devices("lora_linear"), ids=backend_ids)
+@pytest.fixture(params=backend_devices("lora_linear_fwd"), ids=backend_ids)
 def lora_backend_device(request):
     """The LoRA linear's backends, its hybrid plan (torch.mm base GEMMs) included."""
     return request.param
@@ -184,7 +184,7 @@ def test_noise_of_parameters_that_start_between_philox_calls(backend_device):
     backend, device = backend_device
     segments = [0, 5, 38, 1001]
     empty = torch.zeros(0, segments[-1], device=device)
-    got = torch.ops.lorafast.clip_reduce_noise(empty, torch.zeros(0, 3, device=device), segments, [1.0, 2.0, 3.0],
+    got = _ops.clip_reduce_noise(empty, torch.zeros(0, 3, device=device), segments, [1.0, 2.0, 3.0],
                                                True, None, None, 1.0, 77, 3, 1.0, backend)
     torch.testing.assert_close(got.cpu(), reference.normal_grid(77, 3, 1, segments[-1])[0], rtol=2e-5, atol=2e-5)
 

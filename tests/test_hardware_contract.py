@@ -170,14 +170,14 @@ def test_kernel_outputs_past_2_31():
     x = torch.randn(ROWS, 33)
     W, A, B = torch.randn(7, 33), torch.randn(3, 33), torch.randn(7, 3)
     h_want = torch.empty(ROWS, 3)
-    K._project(x, P=A.T, out=h_want, r=3)
+    K.project(x, P=A.T, out=h_want, r=3)
     h = far_apart(torch.zeros(ROWS, 3))
-    K._project(x, P=A.T, out=h, r=3)
+    K.project(x, P=A.T, out=h, r=3)
     assert torch.equal(h, h_want)
     y_want = torch.empty(ROWS, 7)
-    K._gemm(x, W.T, H=h_want, U=B.T, Y=y_want, r=3, scale=0.5)
+    K.gemm(x, W.T, H=h_want, U=B.T, Y=y_want, r=3, scale=0.5)
     y = far_apart(torch.zeros(ROWS, 7))
-    K._gemm(x, W.T, H=h_want, U=B.T, Y=y, r=3, scale=0.5)
+    K.gemm(x, W.T, H=h_want, U=B.T, Y=y, r=3, scale=0.5)
     assert torch.equal(y, y_want)
     torch.testing.assert_close(y_want, x @ W.T + 0.5 * (x @ A.T) @ B.T)
 
@@ -224,8 +224,8 @@ def test_child_processes_do_not_inherit_the_interpreter():
             "from lorafast import _backend\n"
             "print('parent', os.environ.get('TRITON_INTERPRET'), _backend._INTERPRETER)\n"
             "if _backend._INTERPRETER:\n"
-            "    from lorafast.kernels import lora_linear\n"
-            "    print('kernels interpreted', lora_linear.interpreted())\n"
+            "    from lorafast.kernels import common\n"
+            "    print('kernels interpreted', common.interpreted())\n"
             "sys.stdout.flush()\n"
             "subprocess.run([sys.executable, '-c', "
             "\"import os; print('child', os.environ.get('TRITON_INTERPRET'))\"], check=True)\n")

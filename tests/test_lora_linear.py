@@ -7,7 +7,7 @@ from conftest import assert_close, backend_devices, backend_ids, rel_err
 from helpers import DTYPES, baseline_forward, fresh_seed, leaves, make_params, make_x, truth
 
 
-@pytest.fixture(params=backend_devices("lora_linear"), ids=backend_ids)
+@pytest.fixture(params=backend_devices("lora_linear_fwd"), ids=backend_ids)
 def backend_device(request):
     """Every backend of the LoRA linear, the hybrid plan (torch.mm base GEMMs) included."""
     return request.param
@@ -102,16 +102,16 @@ def test_frozen_adapters_skip_kernels(monkeypatch):
         pytest.skip("counts interpreter launches on CPU")
     from lorafast.kernels import lora_linear as K
     calls = []
-    for name in ("_project", "_gemm"):
+    for name in ("project", "gemm"):
         orig = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _o=orig, _n=name, **kw: (calls.append((_n, a[0].shape)), _o(*a, **kw))[1])
     p = make_params(33, 47, 3, torch.float32, "cpu", variant="ffa")
     x = torch.randn(9, 33)
     y = lorafast.lora_linear(x, p["weight"], p["A"], p["B"], p["bias"], backend="triton")
-    assert [c[0] for c in calls] == ["_project", "_gemm"]
+    assert [c[0] for c in calls] == ["project", "gemm"]
     calls.clear()
     y.sum().backward()
-    assert [c[0] for c in calls] == ["_project"], calls  # one pass over dY gives dB
+    assert [c[0] for c in calls] == ["project"], calls  # one pass over dY gives dB
     assert p["B"].grad is not None and p["A"].grad is None
 
 

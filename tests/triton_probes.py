@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from lorafast.kernels.random import dropout_keep, normals, row_calls, uniforms
+from lorafast.kernels.philox import dropout_keep, normals, row_calls, uniforms
 
 
 @triton.jit

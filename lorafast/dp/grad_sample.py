@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _backend, _random
-from ..functional import _validate, lora_shape
+from .. import _backend, _checks, _ops, _random
 from ..layers import LoRALinear
 
 ADAPTER_NAMES = ("lora_A", "lora_B", "lora_R")
@@ -116,8 +115,7 @@ class GradSampleStore:
         torch.autograd.Variable._execution_engine.queue_callback(self._seal)
 
     def _seal(self) -> None:
-        name = _backend.select("grad_sample_norms", self.device, torch.float32, self.backend)
-        self.sq = torch.ops.lorafast.grad_sample_norms(self.buf, self.segments, name)
+        self.sq = _ops.grad_sample_norms(self.buf, self.segments, self.backend)
         self.state = "sealed"
 
 
@@ -133,8 +131,8 @@ class _LoRAPerSample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, lora_R, layer, store, seed, backend, dropout_p):
-        y, h = torch.ops.lorafast.lora_linear_fwd(x, layer.base_weight, lora_A, lora_B, layer.bias, lora_R,
-                                                  float(layer.scaling), dropout_p, seed, 0, backend)
+        y, h = _ops.lora_linear_fwd(x, layer.base_weight, lora_A, lora_B, layer.bias, lora_R,
+                                    float(layer.scaling), dropout_p, seed, 0, backend)
         ctx.save_for_backward(x, lora_A, lora_B, lora_R, h)
         ctx.layer, ctx.store, ctx.seed, ctx.backend, ctx.dropout_p = layer, store, seed, backend, dropout_p
         return y
@@ -147,10 +145,10 @@ class _LoRAPerSample(torch.autograd.Function):
         params = [t if t is not None and t.requires_grad else None for t in (A, B, R)]
         ps_A, ps_B, ps_R = store.views(batch, params, f"LoRALinear({layer.in_features}, {layer.out_features})")
         need_x = ctx.needs_input_grad[0]
-        dx = torch.ops.lorafast.lora_linear_bwd_ps(
+        dx = _ops.lora_linear_bwd_ps(
             grad_y.contiguous(), x, layer.base_weight, A, B, R, h, float(layer.scaling), ctx.dropout_p, ctx.seed, 0,
             batch, need_x, ps_A, ps_B, ps_R, store.grad_scale(batch), ctx.backend)
-        return (dx if need_x else None,) + (None,) * 8
+        return (dx,) + (None,) * 8
 
 
 class _LinearPerSample(torch.autograd.Function):
@@ -189,10 +187,12 @@ def _lora_forward(layer: LoRALinear, x: Tensor) -> Tensor:
         raise RuntimeError(f"{where} is merged (its adapter is folded into the base weight); "
                            "call lorafast.unmerge_adapters(model) before private training")
     p = layer.lora_dropout if layer.training else 0.0
-    _validate(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.bias, layer.lora_R, layer.scaling, p)
+    _checks.check_lora_linear(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.bias, layer.lora_R,
+                              layer.scaling, p)
     seed = _random.next_seed() if p > 0.0 else 0
-    backend = _backend.select("lora_linear", x.device, x.dtype, store.backend,
-                              shape=lora_shape(x, layer.base_weight, layer.lora_A))
+    # resolved once here, so that the per-sample backward runs on the forward's backend
+    backend = _backend.select("lora_linear_fwd", x.device, x.dtype, store.backend,
+                              shape=_ops.lora_shape(x, layer.base_weight, layer.lora_A))
     return _LoRAPerSample.apply(x, layer.lora_A, layer.lora_B, layer.lora_R, layer, store, seed, backend, p)
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _backend, reference
+from .. import _ops, reference
 from .grad_sample import GradSampleStore
 from .noise import os_seed, secure_standard_normal
 
@@ -99,18 +99,15 @@ class DPOptimizer(Optimizer):
         """Call ``fn(self)`` after every private step (the engine's accountant uses this)."""
         self._step_hooks.append(fn)
 
-    def _backend(self) -> str:
-        return _backend.select("clip_reduce_noise", self.store.device, torch.float32, self.store.backend)
-
     def _count_nonfinite(self, sq: Tensor) -> None:
         self._nonfinite += (~torch.isfinite(sq.sum(1))).sum()
 
     def _fold(self, store: GradSampleStore) -> None:
         """Clip a finished backward pass into the running sum (gradient accumulation), no noise."""
         self._count_nonfinite(store.sq)
-        self._summed = torch.ops.lorafast.clip_reduce_noise(
+        self._summed = _ops.clip_reduce_noise(
             store.buf, store.sq, store.segments, self._bounds, self.per_layer, self._summed, None,
-            0.0, 0, 0, 1.0, self._backend())
+            0.0, 0, 0, 1.0, self.store.backend)
 
     def _private_grad(self) -> Tensor:
         store = self.store
@@ -128,9 +125,9 @@ class DPOptimizer(Optimizer):
         rank, world = distributed_world()
         std = self.noise_std if rank == 0 else 0.0
         noise = secure_standard_normal(store.width, store.device) if (self.secure_mode and std > 0) else None
-        flat = torch.ops.lorafast.clip_reduce_noise(
+        flat = _ops.clip_reduce_noise(
             buf, sq, store.segments, self._bounds, self.per_layer, self._summed, noise, std,
-            self.noise_seed, self._noise_offset, 1.0 / (self.expected_batch_size * world), self._backend())
+            self.noise_seed, self._noise_offset, 1.0 / (self.expected_batch_size * world), self.store.backend)
         self._noise_offset += reference.philox_calls(1, store.width)
         if world > 1:
             dist.all_reduce(flat)

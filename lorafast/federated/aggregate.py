@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _backend, _ops, reference  # noqa: F401  (_ops registers the lorafast:: ops)
+from .. import _ops, reference
 
 METHODS = ("fedavg", "fedex", "ffa", "flora")
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -151,15 +151,31 @@ def aggregate(weight: Tensor, client_A: Sequence[Tensor], client_B: Sequence[Ten
         B = torch.cat(list(client_B), dim=1)
         return AggregateResult(weight, A, B.clone())
 
-    A_bar, B_bar, U, V = reference.fedex_factors(list(client_A), list(client_B), p, float(scaling))
+    A_bar, B_bar, U, V = fedex_factors(list(client_A), list(client_B), p, float(scaling))
     result = AggregateResult(weight, A_bar.to(like.dtype), B_bar.to(client_B[0].dtype))
     if method == "fedex":
         f32 = torch.float64 if weight.dtype == torch.float64 else torch.float32
         U, V = U.to(f32).contiguous(), V.to(f32).contiguous()
-        name = _backend.select("fedex_merge", weight.device, weight.dtype, backend)
-        torch.ops.lorafast.fedex_merge_(weight, U, V, compensation, name)
+        _ops.fedex_merge_(weight, U, V, compensation, backend)
         result.residual = (U, V)
     return result
+
+
+def fedex_factors(client_A: list[Tensor], client_B: list[Tensor], p: Tensor,
+                  scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Ā, B̄, U, V) with Ā = Σ pᵢAᵢ, B̄ = Σ pᵢBᵢ and the centred, stacked factors
+
+        U = s·[p₁(B₁−B̄) … p_k(B_k−B̄)]  (out, K)      V = [A₁−Ā; …; A_k−Ā]  (K, in)
+
+    so that U V = s·Σ pᵢ(Bᵢ−B̄)(Aᵢ−Ā) = s·(Σ pᵢBᵢAᵢ − B̄Ā) when Σ pᵢ = 1 (K = k·r, ranks
+    zero-padded to the largest). The centred form has no cancellation when clients agree."""
+    A, B = reference.stack_padded(client_A, client_B)
+    p = p.to(A.dtype)
+    A_bar = torch.einsum("k,kri->ri", p, A)
+    B_bar = torch.einsum("k,kor->or", p, B)
+    U = (scaling * p[:, None, None] * (B - B_bar)).permute(1, 0, 2).reshape(B.shape[1], -1)
+    V = (A - A_bar).reshape(-1, A.shape[2])
+    return A_bar, B_bar, U, V
 
 
 def aggregate_r(client_R: Sequence[Tensor], client_weights=None) -> Tensor:

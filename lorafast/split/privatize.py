@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _ops  # noqa: F401  (_ops registers lorafast::privatize)
+from .. import _ops
+from .._layout import PRIVATIZE_MODES
 from ..dp.noise import os_seed
-from ..reference import PRIVATIZE_MODES
 
 
 def _number(value, name: str) -> float:
@@ -50,6 +50,5 @@ def privatize(h: Tensor, clip_norm: float, noise_multiplier: float, *, mode: str
         seed = os_seed()
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    name = _backend.select("privatize", h.device, h.dtype, backend, shape=(h.numel(),))
-    y, _ = torch.ops.lorafast.privatize(h, clip_norm, noise_multiplier * clip_norm, mode, seed, 0, name)
+    y, _ = _ops.privatize(h, clip_norm, noise_multiplier * clip_norm, mode, seed, 0, backend)
     return y

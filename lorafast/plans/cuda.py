@@ -1,7 +1,6 @@
-"""The LoRA linear on the CUDA backend: the two large GEMMs on cuBLAS (torch.mm), every
-rank-r pass in the ``lorafast_cuda`` kernels of csrc/lora_linear.cu.
-
-Same plan and signatures as kernels/lora_linear.py (its docstring has the math):
+"""The "cuda" backend: the ``lorafast_cuda`` ops of csrc/ (bound in csrc/bindings.cpp). For
+the LoRA linear, the two large GEMMs run on cuBLAS (torch.mm) and every rank-r pass in the
+kernels of csrc/lora_linear.cu, in the same shape as plans/triton.py:
 
     forward   h = drop(x) Aᵀ                            rank_reduce over x (OUT)
               y = [x Wᵀ] + s (h Rᵀ) Bᵀ + b              cuBLAS, then rank_update_ in place
@@ -20,13 +19,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lorafast import _backend
+
+from . import lora
+
 MAX_RANK = 128   # kMaxReduceRank in csrc/launchers.h: larger ranks go through in slices
-_ops_override = None
 
 
 def ops():
-    """The op namespace the plan calls: torch.ops.lorafast_cuda, or a test's stand-in."""
-    return _ops_override if _ops_override is not None else torch.ops.lorafast_cuda
+    """The lorafast_cuda op namespace (loaded on first use; see ``_backend.cuda_ops``)."""
+    return _backend.cuda_ops()
 
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -68,11 +70,9 @@ def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropo
     return y, h
 
 
-def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
-                     need_x, dA, dB, dR, db, grad_scale=1.0, rows_per_sample=0) -> Optional[Tensor]:
-    """Accumulate whichever of dA (r, in), dB (out, r), dR (r, r), db (out,) is given (dA, dB,
-    dR may be per-sample (N, ·, ·) fp32 views, with ``rows_per_sample`` = T), scaled by
-    ``grad_scale``; returns dx (M, in) in x's dtype when ``need_x``."""
+def passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
+           need_x, dA, dB, dR, db, grad_scale, rows_per_sample) -> Optional[Tensor]:
+    """The backward's kernels (see plans/lora.py for the contract)."""
     M = x2.shape[0]
     r = lora_A.shape[0]
     R = _f32(lora_R)
@@ -103,29 +103,28 @@ def _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropou
 
 
 def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs):
-    """Gradients (dx, dA, dB, dR, dbias) in fp32 (dx in x's dtype); None where not needed."""
-    need_x, need_A, need_B, need_R, need_bias = needs
-    M, in_f = x2.shape
-    out_f, r = weight.shape[0], lora_A.shape[0]
-    dev, f32 = x2.device, torch.float32
-    dA = torch.zeros((r, in_f), device=dev, dtype=f32) if need_A else None
-    dB = torch.zeros((out_f, r), device=dev, dtype=f32) if need_B else None
-    dR = torch.zeros((r, r), device=dev, dtype=f32) if need_R else None
-    db = torch.zeros((out_f,), device=dev, dtype=f32) if need_bias else None
-    if M == 0:
-        return (x2.new_zeros((0, in_f)) if need_x else None), dA, dB, dR, db
-    dx = _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                          need_x=need_x, dA=dA, dB=dB, dR=dR, db=db)
-    return dx, dA, dB, dR, db
+    return lora.backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs)
 
 
-def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
-                                    offset, *, batch, need_x, ps_A, ps_B, ps_R, ps_scale):
-    """dx (None unless ``need_x``), and each sample's adapter gradients × ``ps_scale`` added into
-    the fp32 views ps_A (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained)."""
-    M, in_f = x2.shape
-    if M == 0:
-        return x2.new_zeros((0, in_f)) if need_x else None
-    return _backward_passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                            need_x=need_x, dA=ps_A, dB=ps_B, dR=ps_R, db=None, grad_scale=ps_scale,
-                            rows_per_sample=M // batch)
+def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+                                    **per_sample):
+    return lora.per_sample_backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
+                                    offset, **per_sample)
+
+
+def grad_sample_norms(grad_sample, segments):
+    return ops().grad_sample_norms(grad_sample, segments)
+
+
+def clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed, offset,
+                      out_scale):
+    return ops().clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std,
+                                   seed, offset, out_scale)
+
+
+def fedex_merge_(weight, U, V, compensation):
+    ops().fedex_merge_(weight, U, V, compensation)
+
+
+def privatize(h, clip_norm, noise_std, mode, seed, offset):
+    return ops().privatize(h, clip_norm, noise_std, mode, seed, offset)

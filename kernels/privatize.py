@@ -1,6 +1,6 @@
 """Split-learning kernel in Triton: clip the smashed activations and add Gaussian noise.
 
-h is viewed as R rows of L contiguous elements (``reference.privatize_rows``): one row
+h is viewed as R rows of L contiguous elements (the caller's ``rows``): one row
 per sample ("sample"), per vector along the last dim ("token"); "element" clips each
 element and ignores rows.
 
@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .random import normals
+from .common import interpreted
+from .philox import normals
 
 MODES = {"sample": 0, "token": 0, "element": 1}
 
@@ -58,13 +59,11 @@ def _privatize_kernel(X, Y, S, L, clip, std, seed, offset,
     tl.store(Y + idx, y.to(Y.dtype.element_ty), mask=ok)
 
 
-def privatize(h: torch.Tensor, clip_norm: float, noise_std: float, mode: str, seed: int,
+def privatize(h: torch.Tensor, rows: tuple[int, int], clip_norm: float, noise_std: float, mode: str, seed: int,
               offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, sq) as ``reference.privatize`` for fp32/fp16/bf16 h."""
-    from lorafast.reference import privatize_rows
-    from .lora_linear import interpreted
+    """(y, sq) as ``reference.privatize`` for fp32/fp16/bf16 h viewed as ``rows`` = (R, L)."""
     x = h.contiguous()
-    R, L = privatize_rows(x, mode)
+    R, L = rows
     y = torch.empty_like(x)
     sq = torch.zeros(R, device=x.device, dtype=torch.float32)
     if R == 0 or L == 0:

@@ -1,0 +1,162 @@
+"""Argument validators shared by every public function.
+
+Each takes the argument's name first and its value second, raises a ValueError that
+names the argument and what was expected, and returns the value in its canonical type.
+Nothing is modified by a check, so a refused call leaves every input as it was.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def real(name: str, value) -> float:
+    """Any real number (numpy and torch scalars included), as a float; not a string or bool-like text."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+
+
+def check_positive(name: str, value) -> float:
+    """A finite number > 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    x = real(name, value)
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return x
+
+
+def check_nonnegative(name: str, value) -> float:
+    """A finite number >= 0 (a noise multiplier, a noise std)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    x = real(name, value)
+    if not (math.isfinite(x) and x >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return x
+
+
+def check_count(name: str, value, minimum: int = 0) -> int:
+    """An integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a non-negative int" if minimum == 0 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def check_sample_rate(name: str, value) -> float:
+    """A Poisson sampling rate q in (0, 1]."""
+    try:
+        q = real(name, value)
+    except ValueError:
+        q = float("nan")
+    if isinstance(value, bool) or not 0 < q <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return q
+
+
+def check_fraction(name: str, value) -> float:
+    """A number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_delta(name: str, value) -> float:
+    """A probability strictly inside (0, 1), such as DP's δ."""
+    x = real(name, value)
+    if not 0 < x < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return x
+
+
+def check_choice(name: str, value, choices: Iterable):
+    """One of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_seed(name: str, value) -> Optional[int]:
+    """None (draw one from the OS later) or an int in [0, 2**63), a Philox key."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be None or an int in [0, 2**63), got {value!r}")
+    return int(value)
+
+
+def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=FLOATS) -> Tensor:
+    """A tensor of ``ndim`` dimensions (any when None) and one of ``dtypes``."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must be one of {names}, got {t.dtype}")
+    return t
+
+
+def check_lora_linear(x, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p) -> None:
+    """The arguments of ``lorafast.lora_linear``: shapes (..., in), (out, in), (r, in), (out, r),
+    (out,), (r, r); one device; weight frozen and in x's dtype; adapters fp32 or x's dtype."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor of shape (..., in_features)")
+    if x.dtype not in FLOATS:
+        raise ValueError(f"x must be fp32, fp16, bf16 or fp64, got {x.dtype}")
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _floating_matrix(name, t)
+    if weight.requires_grad:
+        raise ValueError("weight must be frozen (requires_grad=False): lora_linear trains only the adapters")
+    out_f, in_f = weight.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight is (out={out_f}, in={in_f})")
+    if r < 1:
+        raise ValueError(f"lora_A must have rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A must be (r, in)=({r}, {in_f}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_B must be (out, r)=({out_f}, {r}), got {tuple(lora_B.shape)}")
+    if lora_R is not None:
+        _floating_matrix("lora_R", lora_R)
+        if tuple(lora_R.shape) != (r, r):
+            raise ValueError(f"lora_R must be (r, r)=({r}, {r}), got {tuple(lora_R.shape)}")
+    if bias is not None:
+        _floating_matrix("bias", bias, ndim=1)
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias must be (out,)=({out_f},), got {tuple(bias.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("lora_R", lora_R), ("bias", bias)):
+        if t is not None and t.dtype not in (x.dtype, torch.float32, torch.float64):
+            raise ValueError(f"{name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _floating_matrix(name: str, t, ndim: int = 2) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOATS:
+        raise ValueError(f"{name} must be a floating-point tensor (fp32, fp16, bf16 or fp64), got {t.dtype}")

@@ -1,0 +1,23 @@
+"""The "hybrid" backend, the default on a GPU without a measured table: the LoRA linear's base
+GEMMs x·Wᵀ and dY·W on cuBLAS (torch.mm), as PEFT's are, and every rank-r pass in the Triton
+kernels of plans/triton.py. The other ops have no base GEMM and are the "triton" ones."""
+from __future__ import annotations
+
+import functools
+
+from . import lora, triton
+from .triton import clip_reduce_noise, fedex_merge_, grad_sample_norms, privatize  # noqa: F401
+
+_passes = functools.partial(triton.passes, blas=True)
+lora_linear_forward = functools.partial(triton.lora_linear_forward, blas=True)
+
+
+def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs):
+    return lora.backward(_passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+                         needs)
+
+
+def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+                                    **per_sample):
+    return lora.per_sample_backward(_passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
+                                    offset, **per_sample)

@@ -1,0 +1,61 @@
+"""The "torch" backend: lorafast.reference, the spec, in the plans' signatures. It computes
+in fp32 (fp64 for fp64 inputs) on any device, and serves fp64 and CPU tensors."""
+from __future__ import annotations
+
+import torch
+
+from lorafast import reference
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset):
+    y, h = reference.lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling=scaling,
+                                         dropout_p=dropout_p, seed=seed, offset=offset)
+    return y, h.to(torch.float32)
+
+
+def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs):
+    # dbias stays in the accumulation dtype: the op rounds it once, to the bias's dtype
+    return reference.lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling=scaling,
+                                          dropout_p=dropout_p, seed=seed, offset=offset, needs=needs,
+                                          bias_dtype=_acc(x2))
+
+
+def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
+                                    batch, need_x, ps_A, ps_B, ps_R, ps_scale):
+    kw = dict(scaling=scaling, dropout_p=dropout_p, seed=seed, offset=offset)
+    dx = None
+    if need_x:
+        dx = reference.lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h,
+                                            needs=(True, False, False, False, False), **kw)[0]
+    trained = (ps_A is not None, ps_B is not None, ps_R is not None)
+    if batch > 0 and any(trained):
+        grads = reference.lora_linear_per_sample_grads(gy2, x2, lora_A, lora_B, lora_R, h, batch=batch,
+                                                       needs=trained, **kw)
+        for buf, g in zip((ps_A, ps_B, ps_R), grads):
+            if buf is not None:
+                buf.add_(g.to(buf.dtype), alpha=ps_scale)
+    return dx
+
+
+def grad_sample_norms(grad_sample, segments):
+    return reference.grad_sample_sq_norms(grad_sample, segments).to(torch.float32)
+
+
+def clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, per_layer, acc, noise, noise_std, seed, offset,
+                      out_scale):
+    return reference.clip_reduce_noise(grad_sample, sq_norms, segments, max_norms, per_layer=per_layer, acc=acc,
+                                       noise=noise, noise_std=noise_std, seed=seed, offset=offset,
+                                       out_scale=out_scale).to(torch.float32)
+
+
+def fedex_merge_(weight, U, V, compensation):
+    reference.fedex_merge_(weight, U, V, compensation)
+
+
+def privatize(h, clip_norm, noise_std, mode, seed, offset):
+    y, sq = reference.privatize(h.detach(), clip_norm, noise_std, mode=mode, seed=seed, offset=offset)
+    return y, sq.to(torch.float32)
