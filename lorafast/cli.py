@@ -2,7 +2,7 @@
 
     lorafast check [--json PATH]          every op on every usable backend against float64
     lorafast check --compile [--arch A]   every Triton kernel variant compiled for sm_80/sm_90a (no GPU)
-    lorafast bench [SUITE ...] [--quick]  the GPU benchmark suites (bench/), CSVs and tables
+    lorafast bench [SUITE ...] [--quick]  the GPU benchmark suites of a source checkout (bench/), CSVs and tables
     lorafast plot RESULTS.csv ...         speedup-vs-size charts (PNG), one per kernel
     lorafast env                          versions, the GPU, which backends work and why not
 """
@@ -25,7 +25,9 @@ import torch
 
 SUITES = {"lora": "bench_lora_linear.py", "dp": "bench_dp.py", "federated": "bench_federated.py",
           "model": "bench_model.py", "noise": "bench_noise.py"}
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"   # a source checkout or editable install
+# The suites are a source-checkout tool: they live in the repository's bench/, beside an editable
+# install, and are not part of the wheel. ``lorafast plot`` (lorafast/plot.py) ships and reads their CSVs.
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
 # ------------------------------------------------------------------ check
@@ -221,7 +223,8 @@ def parser() -> argparse.ArgumentParser:
                         "compiler (no GPU needed) and report registers, spills and shared memory; its options: "
                         "`lorafast check --compile --help`")
     p.set_defaults(func=check)
-    p = sub.add_parser("bench", help="run the benchmark suites (GPU; quick CPU smoke sizes without one)")
+    p = sub.add_parser("bench", help="run the benchmark suites of a source checkout's bench/ (GPU; quick CPU "
+                                     "smoke sizes without one; needs the bench extra)")
     p.add_argument("suites", nargs="*", default=["all"], choices=[*SUITES, "all"], metavar="SUITE",
                    help=f"{', '.join(SUITES)} or all (default)")
     p.add_argument("--quick", action="store_true", help="the smallest sizes only")

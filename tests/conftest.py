@@ -43,7 +43,7 @@ def backend_ids(pair):
 
 
 # Relative-norm error allowed on top of 2× PyTorch's own error in the same dtype
-# (DESIGN.md §4). fp32 on a GPU may use TF32 in the rank-r epilogue only. The fp32
+# (README, "Tests"). fp32 on a GPU may use TF32 in the rank-r epilogue only. The fp32
 # floor covers r = 1, where dR is one dot product over all rows that can nearly
 # cancel: its relative error is then large for any summation order, and PyTorch's
 # own order is only sometimes lucky (over 3000 random inputs the excess reached

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lorafast import reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# which adapter tensors train in each variant (DESIGN.md §3)
+# which adapter tensors train in each variant (README: the layer variants)
 TRAINS = {"lora": ("A", "B"), "ffa": ("B",), "xs": ("R",)}
 
 

@@ -1,4 +1,4 @@
-"""lora_linear on every backend present against a float64 reference (DESIGN.md §3, §4)."""
+"""lora_linear on every backend present against a float64 reference."""
 import pytest
 import torch
 

@@ -4,7 +4,7 @@
 
 Per-sample adapter gradients come out of the fused LoRA backward; one fused kernel clips,
 sums, adds Philox Gaussian noise and writes ``.grad``; dp-accounting's PLD accountant
-tracks ε. See ``PrivacyEngine`` and DESIGN.md §1.
+tracks ε. See ``PrivacyEngine``.
 """
 from .accountant import Accountant, compute_epsilon, get_noise_multiplier
 from .data_loader import DPDataLoader, PoissonBatchSampler
