@@ -10,14 +10,4 @@ from .triton import clip_reduce_noise, fedex_merge_, grad_sample_norms, privatiz
 
 _passes = functools.partial(triton.passes, blas=True)
 lora_linear_forward = functools.partial(triton.lora_linear_forward, blas=True)
-
-
-def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs):
-    return lora.backward(_passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                         needs)
-
-
-def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                                    **per_sample):
-    return lora.per_sample_backward(_passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
-                                    offset, **per_sample)
+lora_linear_backward, lora_linear_per_sample_backward = lora.backward_functions(_passes)

@@ -39,3 +39,15 @@ def per_sample_backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scal
         return x2.new_zeros((0, in_f)) if need_x else None
     return passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
                   need_x=need_x, dA=ps_A, dB=ps_B, dR=ps_R, db=None, grad_scale=ps_scale, rows_per_sample=M // batch)
+
+
+def backward_functions(passes):
+    """A plan's ``(lora_linear_backward, lora_linear_per_sample_backward)`` over its ``passes``."""
+    def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs):
+        return backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs)
+
+    def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
+                                        offset, **per_sample):
+        return per_sample_backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
+                                   offset, **per_sample)
+    return lora_linear_backward, lora_linear_per_sample_backward

@@ -58,14 +58,7 @@ def passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
     return dx
 
 
-def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs):
-    return lora.backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs)
-
-
-def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                                    **per_sample):
-    return lora.per_sample_backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed,
-                                    offset, **per_sample)
+lora_linear_backward, lora_linear_per_sample_backward = lora.backward_functions(passes)
 
 
 def grad_sample_norms(grad_sample, segments):
