@@ -10,4 +10,4 @@ from .interop import (from_peft, inject_adapters, load_adapters, merge_adapters,
 
 __all__ = ["lora_linear", "LoRALinear", "available_backends", "set_backend", "use_backend", "manual_seed",
            "inject_adapters", "from_peft", "save_adapters", "load_adapters", "merge_adapters", "unmerge_adapters",
-           "init"]
+           "init", "__version__"]

@@ -539,8 +539,9 @@ def write(rows: list[Row], out_dir: Path, triton_version: str, tag: str, commit:
     md_path = out_dir / f"compile_triton{triton_version}_{tag}.md"
     md_path.write_text(
         f"# Compile check: Triton {triton_version} ({tag})\n\n"
-        f"`lorafast check --compile` at commit {commit or _commit()}, {time.strftime('%Y-%m-%d')}: {len(rows)} compiles "
-        f"with Triton's compiler and its ptxas -v, no GPU. Shared memory is Triton's allocation per block; "
+        f"`lorafast check --compile` at commit {commit or _commit()}, {time.strftime('%Y-%m-%d')}: "
+        f"{len(rows)} compiles with Triton's compiler and its ptxas -v, no GPU. Shared memory is Triton's "
+        f"allocation per block; "
         f"the limits are {SMEM_LIMIT['sm_80']} B (A100) and {SMEM_LIMIT['sm_90a']} B (H100/H200).\n\n"
         f"## Per kernel\n\n" + "\n".join(format_summary(rows, triton_version).splitlines()[1:])
         + "\n\n## Autotune configs\n\n" + format_configs(rows) + "\n")

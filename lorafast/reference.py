@@ -16,7 +16,6 @@ Box–Muller (cos and sin). The Triton kernels (kernels/philox.py) and the CUDA 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

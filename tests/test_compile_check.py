@@ -108,7 +108,8 @@ def _public_calls():
             x, gy = rand(4, 3, 16, dtype=dtype), rand(4, 3, 9, dtype=dtype)
             A, B, R = rand(3, 16), rand(9, 3), rand(3, 3) if has_R else None
             h = rand(12, 3)
-            ps = dict(ps_A=torch.zeros(4, 3, 16), ps_B=torch.zeros(4, 9, 3), ps_R=torch.zeros(4, 3, 3) if has_R else None)
+            ps = dict(ps_A=torch.zeros(4, 3, 16), ps_B=torch.zeros(4, 9, 3),
+                      ps_R=torch.zeros(4, 3, 3) if has_R else None)
             _ops.lora_linear_bwd_ps(gy, x, rand(9, 16, dtype=dtype), A, B, R, h, 0.5, 0.1, 7, 0, 4, need_x,
                                     backend="triton", ps_scale=0.5, **ps)
         _ops.fedex_merge_(rand(9, 16, dtype=dtype), rand(9, 4), rand(4, 16), None, "triton")

@@ -104,7 +104,8 @@ def test_frozen_adapters_skip_kernels(monkeypatch):
     calls = []
     for name in ("project", "gemm"):
         orig = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _o=orig, _n=name, **kw: (calls.append((_n, a[0].shape)), _o(*a, **kw))[1])
+        monkeypatch.setattr(K, name,
+                            lambda *a, _o=orig, _n=name, **kw: (calls.append((_n, a[0].shape)), _o(*a, **kw))[1])
     p = make_params(33, 47, 3, torch.float32, "cpu", variant="ffa")
     x = torch.randn(9, 33)
     y = lorafast.lora_linear(x, p["weight"], p["A"], p["B"], p["bias"], backend="triton")

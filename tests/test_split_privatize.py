@@ -150,7 +150,7 @@ def test_gradcheck_float64():
     fresh_seed()
     h = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     for mode in MODES:
-        assert torch.autograd.gradcheck(lambda t: privatize(t, 1.0, 0.0, mode=mode, backend="torch"), (h,))
+        assert torch.autograd.gradcheck(lambda t, m=mode: privatize(t, 1.0, 0.0, mode=m, backend="torch"), (h,))
 
 
 def test_opcheck():

@@ -10,7 +10,8 @@ kernels of csrc/lora_linear.cu, in the same shape as plans/triton.py:
               dx = [G W] + (Lg A) ⊙ m/(1-p)             cuBLAS, then rank_update_
 With per-sample buffers (DP-SGD) the reductions over rows flush at each sample's boundary.
 The dropout mask takes word col mod 4 of Philox call offset + row·⌈in/4⌉ + ⌊col/4⌋ under
-seed (four mask elements per call), bit-identical to the Triton kernels'. fp32 GEMMs follow torch's TF32 switch, as the Triton backend does.
+seed (four mask elements per call), bit-identical to the Triton kernels'. fp32 GEMMs follow
+torch's TF32 switch, as the Triton backend does.
 """
 from __future__ import annotations
 

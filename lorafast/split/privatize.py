@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import _ops
@@ -35,7 +34,8 @@ def privatize(h: Tensor, clip_norm: float, noise_multiplier: float, *, mode: str
     Returns a tensor like h (contiguous) in h's dtype.
     """
     if not isinstance(h, Tensor) or not h.is_floating_point():
-        raise ValueError(f"h must be a floating-point tensor, got {type(h).__name__ if not isinstance(h, Tensor) else h.dtype}")
+        got = h.dtype if isinstance(h, Tensor) else type(h).__name__
+        raise ValueError(f"h must be a floating-point tensor, got {got}")
     if h.dim() < 2:
         raise ValueError(f"h must have shape (B, ..., d) with at least 2 dims, got {tuple(h.shape)}")
     clip_norm = _number(clip_norm, "clip_norm")
