@@ -41,7 +41,7 @@ def _sources() -> list[str]:
     return sorted(glob.glob(str(_CSRC / "*.cu")) + glob.glob(str(_CSRC / "*.cpp")))
 
 
-def _nvcc() -> Optional[str]:
+def nvcc_path() -> Optional[str]:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and Path(home, "bin", "nvcc").exists():
         return str(Path(home, "bin", "nvcc"))
@@ -60,7 +60,7 @@ def status() -> tuple[bool, str]:
         return True, "prebuilt extension (lorafast._C)"
     if not _sources():
         return False, "extension not built and csrc/ sources not found (install from a source checkout)"
-    if _nvcc() is None:
+    if nvcc_path() is None:
         return False, "extension not built and nvcc not found (set CUDA_HOME or install the CUDA toolkit)"
     if shutil.which("ninja") is None:
         return False, "extension not built and ninja not found (pip install ninja)"

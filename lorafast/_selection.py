@@ -82,6 +82,11 @@ def fastest(gpu: str, op: str, dtype: str, shape: Sequence[int], candidates: Seq
     return min(ms, key=ms.get)
 
 
+def shape_count() -> int:
+    """How many measured shapes the shipped and user tables hold together."""
+    return sum(len(v) for v in _index().values())
+
+
 def record(gpu: str, op: str, dtype: str, shape: Sequence[int], ms: dict[str, float],
            path: Optional[Path] = None) -> Path:
     """Add (or replace) one measured entry in the user's table; returns the table's path."""

@@ -75,8 +75,8 @@ def check(args: argparse.Namespace) -> int:
 
 
 def _nvcc_version() -> Optional[str]:
-    from ._cuda import _nvcc
-    nvcc = _nvcc()
+    from ._cuda import nvcc_path
+    nvcc = nvcc_path()
     if nvcc is None:
         return None
     try:
@@ -118,7 +118,7 @@ def env_lines() -> list[str]:
         usable, why = _backend.backend_status(name)
         lines.append(f"  {name:<7} {'available' if usable else 'unavailable'}: {why}")
     table = _selection.user_table_path()
-    n = sum(len(v) for v in _selection._index().values())
+    n = _selection.shape_count()
     lines.append(f"measured tables: {n} shape(s) from lorafast/tuning/ and {table}"
                  f"{'' if table.exists() else ' (absent)'}")
     lines += op_paths()
