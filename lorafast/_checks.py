@@ -26,6 +26,14 @@ def real(name: str, value) -> float:
         raise ValueError(f"{name} must be a real number, got {value!r}") from None
 
 
+def check_finite(name: str, value) -> float:
+    """A finite real number, not a bool."""
+    x = float("nan") if isinstance(value, bool) else real(name, value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return x
+
+
 def check_positive(name: str, value) -> float:
     """A finite number > 0."""
     if isinstance(value, bool):

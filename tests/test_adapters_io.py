@@ -257,6 +257,21 @@ def test_load_refuses_what_it_cannot_reproduce(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+def test_load_into_an_unconverted_peft_model_says_to_call_from_peft(tmp_path):
+    base = tiny_llama()
+    peft_lora(base, ["q_proj"]).save_pretrained(str(tmp_path))
+    pm = peft_lora(base, ["q_proj"])
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj', which is still a PEFT LoRA "
+                                         r"layer .*call lorafast\.from_peft\(model\) first"):
+        lorafast.load_adapters(pm, tmp_path)
+    assert not any(isinstance(m, lorafast.LoRALinear) for m in pm.modules())
+    for k, v in pm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    converted = lorafast.load_adapters(lorafast.from_peft(pm), tmp_path)      # what the message says works
+    assert isinstance(converted.base_model.model.model.layers[0].self_attn.q_proj, lorafast.LoRALinear)
+
+
 def _seq_cls(seed=0):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=44, num_hidden_layers=1, num_attention_heads=4,

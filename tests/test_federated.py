@@ -5,7 +5,7 @@ import torch
 
 import lorafast
 from helpers import fresh_seed
-from lorafast import reference
+from lorafast import _ops, reference
 from lorafast.federated import aggregate, aggregate_r
 
 BACKENDS = [b for b in ("torch", "triton") if b in lorafast.available_backends()]
@@ -109,8 +109,8 @@ def test_triton_merge_matches_reference(dtype):
     U, V = torch.randn(70, 19), torch.randn(19, 45)
     C = torch.randn(70, 45) * 1e-3 if dtype != torch.float32 else None
     W_ref, C_ref = W.clone(), C.clone() if C is not None else None
-    torch.ops.lorafast.fedex_merge_(W, U, V, C, "triton")
-    torch.ops.lorafast.fedex_merge_(W_ref, U, V, C_ref, "torch")
+    _ops.fedex_merge_(W, U, V, C, backend="triton")
+    _ops.fedex_merge_(W_ref, U, V, C_ref, backend="torch")
     if dtype == torch.float32:
         torch.testing.assert_close(W, W_ref, rtol=1e-6, atol=1e-5)
     else:   # the same rounding: at most one bf16 ulp apart where the fp32 sums differ in the last bit
@@ -210,6 +210,17 @@ def test_bad_input_raises_and_changes_nothing(i):
     assert torch.equal(C, before_C)
 
 
+def test_weight_dtype_message_names_every_accepted_dtype():
+    A, B = _clients((2, 2))
+    with pytest.raises(ValueError, match=r"weight must be one of float32, float16, bfloat16, float64, got torch.int32"):
+        aggregate(torch.zeros(OUT, IN, dtype=torch.int32), A, B)
+    W = torch.randn(OUT, IN, dtype=torch.float64)          # fp64 is accepted and merged in fp64
+    W0 = W.clone()
+    A, B = [a.double() for a in A], [b.double() for b in B]
+    aggregate(W, A, B, scaling=0.5)
+    assert _rel(W - W0, reference.fedex_residual(A, B, None, 0.5)) <= 1e-12
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
@@ -222,8 +233,8 @@ def test_cuda_merge_matches_reference(dtype, transposed):
     U, V = torch.randn(70, 19, device="cuda"), torch.randn(19, 45, device="cuda")
     C = torch.randn(70, 45, device="cuda") * 1e-3 if dtype != torch.float32 else None
     W_ref, C_ref = W.clone(), C.clone() if C is not None else None
-    torch.ops.lorafast.fedex_merge_(W, U, V, C, "cuda")
-    reference.fedex_merge_(W_ref, U.double(), V.double(), C_ref)
+    _ops.fedex_merge_(W, U, V, C, backend="cuda")
+    _ops.fedex_merge_(W_ref, U.double(), V.double(), C_ref, backend="torch")   # the reference, U V in fp64
     if C is None:
         torch.testing.assert_close(W, W_ref, rtol=1e-5, atol=1e-5)
     else:

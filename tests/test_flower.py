@@ -264,6 +264,31 @@ def test_missed_rounds_catch_up_with_factors_then_weights():
     assert len(strat._history) == 2          # older updates cannot beat sending the weight
 
 
+def test_one_base_version_key_and_replies_of_older_clients_are_read():
+    """The payload's [from, to] and the clients' reported version share one key; a reply
+    under the old MetricRecord spelling "lorafast.base-version" is still read (and, like the
+    key, kept out of the aggregated metrics)."""
+    assert BASE_VERSION_KEY == SYNC_KEY == "lorafast.base_version"
+    net = make_net()
+    strat, grid = strategy("fedex", net), FakeGrid(3)
+    gen = torch.Generator().manual_seed(7)
+    msgs = list(strat.configure_train(1, adapter_arrays(net), ConfigRecord(), grid))
+    assert all(m.content["arrays"][BASE_VERSION_KEY].numpy().tolist() == [0, 0] for m in msgs)
+    replies = []
+    for i, m in enumerate(msgs):     # (Flower wants the same metric keys from every client of a round)
+        metrics = {"num-examples": 5, "train_loss": 1.0, "lorafast.base-version": 9 if i == 2 else 0}
+        content = RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in random_adapters(net, gen).items()}),
+                              "metrics": MetricRecord(metrics)})
+        replies.append(Message(content, reply_to=m))
+    arrays, metrics = strat.aggregate_train(1, replies)
+    assert BASE_VERSION_KEY not in metrics and "lorafast.base-version" not in metrics
+    payloads = {m.metadata.dst_node_id: m.content["arrays"]
+                for m in strat.configure_train(2, arrays, ConfigRecord(), grid)}
+    known, unknown = (payloads[m.metadata.dst_node_id] for m in msgs[1:])   # msgs[2]'s node reported 9
+    assert "q.residual_U" in known and known[BASE_VERSION_KEY].numpy().tolist() == [0, 1]
+    assert "q.weight" in unknown and unknown[BASE_VERSION_KEY].numpy().tolist() == [-1, 1]
+
+
 def test_helpers_round_trip():
     net = make_net()
     arrays = adapter_arrays(net)

@@ -23,18 +23,24 @@ Precision of the base weight: the residual is typically 1e-3–1e-5 of W, which 
 element) or pass a bf16/fp16 weight with an fp32 ``compensation`` of the same shape
 (2 + 4 bytes per element, but the model itself stays in half precision): it carries
 what rounding dropped, so ``weight.float() + compensation`` is the true weight.
+
+Layout of the base weight: ``aggregate`` works on the (out, in) matrix that
+``lora_B`` (out, r) · ``lora_A`` (r, in) updates. A GPT-2 ``Conv1D`` layer stores its
+weight (in, out) (``LoRALinear(fan_in_fan_out=True)``); pass the layer itself, or
+its ``base_weight`` (the (out, in) view of that storage), not ``layer.weight``.
 """
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .. import _ops, reference
+from .._checks import check_choice, check_finite, check_tensor
+from ..layers import LoRALinear
 
 METHODS = ("fedavg", "fedex", "ffa", "flora")
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -42,9 +48,16 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @dataclass
 class AggregateResult:
-    """``weight`` is the tensor passed in (updated in place by "fedex"); ``lora_A`` (r, in)
-    and ``lora_B`` (out, r) are the global adapters; ``residual`` is (U, V) with the update
-    W += U V that "fedex" applied (U includes the scaling), for clients to apply too."""
+    """``weight`` is the tensor passed in, or the layer's ``base_weight`` when a layer was
+    (updated in place by "fedex"); ``lora_A`` (r, in) and ``lora_B`` (out, r) are the global
+    adapters; ``residual`` is (U, V) with the update W += U V that "fedex" applied (U
+    includes the scaling), for clients to apply too.
+
+    For "flora" the global adapter is the clients' adapters stacked, of rank Σrᵢ, and it
+    keeps the clients' scaling s: the global model is ``W + s·lora_B @ lora_A``
+    (= W + s·Σ pᵢBᵢAᵢ), not the ``lora_alpha / Σrᵢ`` a layer of rank Σrᵢ would compute
+    from the clients' lora_alpha. Load it into a layer whose scaling is s (or fold s
+    into lora_B)."""
     weight: Tensor
     lora_A: Tensor
     lora_B: Tensor
@@ -68,18 +81,61 @@ def _normalise(client_weights, k: int, device) -> Tensor:
     return (w / w.sum()).to(device)
 
 
-def _check_clients(client_A: Sequence[Tensor], client_B: Sequence[Tensor], out_in: Optional[tuple]) -> None:
+def _is_matrix(t) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 2
+
+
+def _target(weight, scaling) -> tuple[Tensor, str, float]:
+    """(the (out, in) weight, its name for messages, the scaling) of aggregate's arguments:
+    a LoRALinear gives its ``base_weight`` and, unless ``scaling`` is given, its scaling."""
+    if not isinstance(weight, LoRALinear):
+        return weight, "weight", 1.0 if scaling is None else check_finite("scaling", scaling)
+    if scaling is None:
+        return weight.base_weight, "layer.base_weight", float(weight.scaling)
+    s = check_finite("scaling", scaling)
+    if not math.isclose(s, weight.scaling, rel_tol=1e-12, abs_tol=0.0):
+        raise ValueError(f"scaling={scaling!r} is not the layer's scaling {weight.scaling!r}: leave scaling out "
+                         "to use the layer's")
+    return weight.base_weight, "layer.base_weight", s
+
+
+def _check_layout(name: str, weight, client_A: Sequence[Tensor], client_B: Sequence[Tensor]) -> None:
+    """Refuse a weight that is not the (out, in) matrix that every client's B (out, r) ·
+    A (r, in) updates; where the clients disagree among themselves, the client check names
+    the odd one instead."""
+    if not _is_matrix(weight) or not all(_is_matrix(t) for t in (*client_A, *client_B)):
+        return
+    dims = {(b.shape[0], a.shape[1]) for a, b in zip(client_A, client_B)}
+    if len(dims) != 1 or next(iter(dims)) == tuple(weight.shape):
+        return
+    out_f, in_f = next(iter(dims))
+    if name != "weight":
+        hint = "the clients' adapters do not belong to this layer"
+    elif tuple(weight.shape) == (in_f, out_f):
+        hint = ("it is laid out (in, out), as a GPT-2 Conv1D LoRALinear (fan_in_fan_out=True) stores its weight: "
+                "pass the layer itself or layer.base_weight (its (out, in) view), not layer.weight")
+    else:
+        hint = "pass the adapted LoRALinear itself, or its base_weight (the (out, in) view)"
+    raise ValueError(f"{name} has shape {tuple(weight.shape)} but the clients' lora_B ({out_f}, r) and lora_A "
+                     f"(r, {in_f}) need an (out, in) = ({out_f}, {in_f}) base_weight; {hint}")
+
+
+def _check_clients(client_A: Sequence[Tensor], client_B: Sequence[Tensor], weight, name: str) -> None:
     if not isinstance(client_A, (list, tuple)) or not isinstance(client_B, (list, tuple)):
         raise ValueError("client_A and client_B must be lists of tensors, one per client")
     if len(client_A) == 0:
         raise ValueError("client_A is empty: aggregate needs at least one client")
     if len(client_A) != len(client_B):
         raise ValueError(f"client_A has {len(client_A)} clients but client_B has {len(client_B)}")
-    out_f, in_f = out_in if out_in is not None else (client_B[0].shape[0], client_A[0].shape[-1])
+    _check_layout(name, weight, client_A, client_B)
+    out_in = tuple(weight.shape) if _is_matrix(weight) else None
     for i, (a, b) in enumerate(zip(client_A, client_B)):
-        for name, t in (("client_A", a), ("client_B", b)):
+        for what, t in (("client_A", a), ("client_B", b)):
             if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
-                raise ValueError(f"{name}[{i}] must be a 2-D floating-point tensor")
+                raise ValueError(f"{what}[{i}] must be a 2-D floating-point tensor")
+        if out_in is None:            # no (out, in) weight to check against: client 0's sizes
+            out_in = (b.shape[0], a.shape[1])
+        out_f, in_f = out_in
         if a.shape[1] != in_f or b.shape[0] != out_f or b.shape[1] != a.shape[0]:
             raise ValueError(f"client {i}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} must be "
                              f"(r, {in_f}) and ({out_f}, r) with the same r")
@@ -92,48 +148,48 @@ def _check_clients(client_A: Sequence[Tensor], client_B: Sequence[Tensor], out_i
         raise ValueError(f"client {finite.index(False)} sent a non-finite adapter (inf or nan)")
 
 
-def _check_weight(weight: Tensor, compensation: Optional[Tensor], device) -> None:
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D (out, in) tensor")
-    if weight.dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight must be fp32, bf16 or fp16, got {weight.dtype}")
+def _check_weight(name: str, weight: Tensor, compensation: Optional[Tensor], device) -> None:
+    if not _is_matrix(weight):
+        raise ValueError(f"{name} must be a 2-D (out, in) tensor")
+    check_tensor(name, weight, dtypes=WEIGHT_DTYPES)
     if weight.device != device:
-        raise ValueError(f"weight is on {weight.device} but the client adapters are on {device}")
+        raise ValueError(f"{name} is on {weight.device} but the client adapters are on {device}")
     if compensation is not None:
         if not isinstance(compensation, Tensor) or compensation.dtype != torch.float32 \
                 or compensation.shape != weight.shape or compensation.device != weight.device:
-            raise ValueError(f"compensation must be an fp32 tensor of weight's shape {tuple(weight.shape)} "
+            raise ValueError(f"compensation must be an fp32 tensor of {name}'s shape {tuple(weight.shape)} "
                              f"on {weight.device}")
 
 
-def aggregate(weight: Tensor, client_A: Sequence[Tensor], client_B: Sequence[Tensor], *,
-              method: str = "fedex", client_weights=None, scaling: float = 1.0,
+def aggregate(weight: Union[Tensor, LoRALinear], client_A: Sequence[Tensor], client_B: Sequence[Tensor], *,
+              method: str = "fedex", client_weights=None, scaling: Optional[float] = None,
               compensation: Optional[Tensor] = None, backend: Optional[str] = None) -> AggregateResult:
     """Aggregate k clients' adapters of one layer (see the module docstring for the methods).
 
     Args:
-        weight: (out, in) frozen base weight, fp32 (a master copy) or bf16/fp16. "fedex"
-            updates it in place; the other methods leave it untouched.
+        weight: the layer's frozen base weight as an (out, in) tensor, fp32 (a master copy),
+            fp64, or bf16/fp16; or the ``LoRALinear`` itself, whose ``base_weight`` (the
+            (out, in) view, also of a GPT-2 Conv1D layer's (in, out) weight) is used.
+            "fedex" updates it in place; the other methods leave it untouched. A weight
+            whose shape is not the (out, in) of the clients' B·A is refused.
         client_A, client_B: lists of (rᵢ, in) and (out, rᵢ). "fedex" and "fedavg" accept
             different ranks (zero-padded to the largest, which keeps fedex exact).
         client_weights: k non-negative numbers (e.g. example counts), normalised to pᵢ;
             default equal.
-        scaling: the adapters' s (lora_alpha / r).
+        scaling: the adapters' s (lora_alpha / r). Default: the layer's ``scaling`` when
+            ``weight`` is a LoRALinear (a different value is refused), else 1.
         compensation: fp32 tensor of weight's shape carrying what rounding a half-precision
             weight drops ("fedex"); updated in place.
-        backend: "torch", "triton" or None (automatic) for the merge.
+        backend: "torch", "triton", "cuda" or None (automatic) for the merge.
 
     Everything is validated before anything is written: on a ValueError, weight and
     compensation are bit-identical to before.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
-    _check_clients(client_A, client_B, tuple(weight.shape) if isinstance(weight, Tensor) and weight.dim() == 2
-                   else None)
+    check_choice("method", method, METHODS)
+    weight, name, scaling = _target(weight, scaling)
+    _check_clients(client_A, client_B, weight, name)
     device = client_A[0].device
-    _check_weight(weight, compensation, device)
+    _check_weight(name, weight, compensation, device)
     k = len(client_A)
     p = _normalise(client_weights, k, device)
     like = client_A[0]
@@ -151,7 +207,7 @@ def aggregate(weight: Tensor, client_A: Sequence[Tensor], client_B: Sequence[Ten
         B = torch.cat(list(client_B), dim=1)
         return AggregateResult(weight, A, B.clone())
 
-    A_bar, B_bar, U, V = fedex_factors(list(client_A), list(client_B), p, float(scaling))
+    A_bar, B_bar, U, V = fedex_factors(list(client_A), list(client_B), p, scaling)
     result = AggregateResult(weight, A_bar.to(like.dtype), B_bar.to(client_B[0].dtype))
     if method == "fedex":
         f32 = torch.float64 if weight.dtype == torch.float64 else torch.float32

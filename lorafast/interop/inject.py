@@ -5,17 +5,17 @@ from typing import Sequence, Union
 
 from torch import nn
 
+from .._checks import check_choice, check_count, check_positive
 from ..layers import VARIANTS, LoRALinear
 from .targets import freeze_all_but_adapters, hf_root, lora_layers, match_targets, replace
 
 
 def check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+    """The adapter arguments of ``inject_adapters`` (and of a loaded config), each refused
+    with a ValueError naming it."""
+    check_count("r", r, minimum=1)
+    check_choice("variant", variant, VARIANTS)
+    check_positive("lora_alpha", lora_alpha)
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
     if not isinstance(use_rslora, bool):

@@ -36,7 +36,8 @@ from torch import nn
 
 from ..layers import LoRALinear
 from .inject import check_adapter_args
-from .targets import PEFT_PREFIX, freeze_all_but_adapters, hf_root, is_linear, is_peft_model, lora_layers, replace
+from .targets import (PEFT_PREFIX, freeze_all_but_adapters, hf_root, is_linear, is_peft_lora_layer, is_peft_model,
+                      lora_layers, replace)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -238,6 +239,10 @@ def load_adapters(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
         if m is None:
             raise ValueError(f"{WEIGHTS_NAME} has an adapter for {name!r}, which is not a module of "
                              f"{type(root).__name__}")
+        if is_peft_lora_layer(m):
+            raise ValueError(f"{WEIGHTS_NAME} has an adapter for {name!r}, which is still a PEFT LoRA layer "
+                             f"({type(m).__module__}.{type(m).__name__}): call lorafast.from_peft(model) first, "
+                             "then load_adapters into the converted model")
         if not isinstance(m, LoRALinear) and not is_linear(m):
             raise ValueError(f"{WEIGHTS_NAME} has an adapter for {name!r}, a {type(m).__name__}, not a linear layer")
         out_f, in_f = (m.out_features, m.in_features) if isinstance(m, LoRALinear) else \
@@ -258,7 +263,7 @@ def load_adapters(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     new = {}
-    for name, m, A, B, fac in plan:
+    for name, m, A, *_ in plan:
         if isinstance(m, LoRALinear):
             continue
         r = _pattern_value(config.get("rank_pattern") or {}, name, A.shape[0])

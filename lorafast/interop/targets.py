@@ -25,6 +25,13 @@ def is_linear(module: nn.Module) -> bool:
     return (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, LoRALinear)
 
 
+def is_peft_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer (``peft.tuners.lora.LoraLayer``: lora.Linear and kin) that
+    ``lorafast.from_peft`` has not converted; told apart without importing PEFT."""
+    return type(module).__module__.startswith("peft.") and hasattr(module, "lora_A") \
+        and hasattr(module, "get_base_layer")
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """{name relative to hf_root(model): layer} for every LoRALinear."""
     return {n: m for n, m in hf_root(model).named_modules() if isinstance(m, LoRALinear)}

@@ -1,32 +1,5 @@
-"""Flower strategy for exact federated aggregation of LoRA adapters.
-
-``FedExLoRA`` is Flower's message-based ``FedAvg`` (``flwr.serverapp.strategy``,
-Flower ≥ 1.20) with the adapters aggregated by ``lorafast.federated.aggregate``:
-
-| method   | server master base W          | global adapters sent            | exact |
-|----------|-------------------------------|---------------------------------|-------|
-| "fedavg" | unchanged                     | (Ā, B̄)                          | no    |
-| "fedex"  | W += s·(Σ pᵢBᵢAᵢ − B̄Ā)         | (Ā, B̄) + the residual of W      | yes   |
-| "ffa"    | unchanged (A shared, frozen)  | (A, B̄)                          | yes   |
-| "flora"  | W += s·Σ pᵢBᵢAᵢ (merged)       | (Ā, 0) + the residual of W      | yes   |
-
-pᵢ are the clients' example counts (the ``"num-examples"`` metric, as FedAvg),
-normalised. The server holds an fp32 master copy of every adapted layer's base
-weight; after a round the global model is ``W + s·B̄Ā`` and equals the weighted
-average of the clients' models ``Σ pᵢ(W + s·BᵢAᵢ)`` for the exact methods. FLoRA
-merges the stacked adapters into W and restarts the adapters from (Ā, B = 0), so
-every client shares one rank per layer here (one global adapter is broadcast).
-
-**Records.** For a LoRALinear layer named ``P`` (its ``named_modules()`` name),
-adapters travel as ``P.lora_A`` (r, in) and ``P.lora_B`` (out, r), base weights as
-``P.weight`` (out, in) (a GPT-2 Conv1D base too: ``LoRALinear.base_weight``), and
-the base update as ``P.residual_U`` (out, K) and ``P.residual_V`` (K, in) with
-``W_new = W_old + U V``. Any other array in the
-clients' replies (a trainable head, or Fed-SB's ``P.lora_R``, whose mean is exact
-when A and B are shared) is averaged with the same weights, as FedAvg does.
-Clients reply with one ArrayRecord (``adapter_arrays(model)``) and one
-MetricRecord holding ``"num-examples"`` and, to keep the base in sync,
-``BASE_VERSION_KEY``.
+"""The ``FedExLoRA`` strategy: FedAvg with exact aggregation of the adapters, and the
+version history that keeps the clients' frozen bases equal to the server's master copy.
 
 **Keeping the clients' frozen bases equal to the master copy.** For "fedex" and
 "flora" W changes every round, by ``U V`` with rank K = k·r (k clients of rank r;
@@ -43,12 +16,12 @@ version each node holds (the version it sent, then the one the node reports in
   which must equal the clients' pretrained bases); a node whose reply was lost or
   failed gets ``P.weight`` (copying it is idempotent).
 
-The versions travel as the int64 array ``"lorafast.base_version"`` = [from, to]
-(from = −1 when every layer is sent whole). ``apply_global_adapters`` applies
-a payload once: given the node's ``base_version`` it skips residuals it already
-has, refuses ones for another version, and returns the new version. The server
-keeps factors only while they can still beat sending the weight, so its history
-is at most about one extra copy of the adapted weights.
+The versions travel as the int64 array ``BASE_VERSION_KEY`` = [from, to] (from = −1
+when every layer is sent whole). ``apply_global_adapters`` applies a payload once:
+given the node's ``base_version`` it skips residuals it already has, refuses ones
+for another version, and returns the new version. The server keeps factors only
+while they can still beat sending the weight, so its history is at most about one
+extra copy of the adapted weights.
 
 **Communication per round and adapted layer** (out × in, rank r, k clients,
 4 bytes per fp32 number): each client uploads r·(out+in); each client downloads
@@ -58,23 +31,9 @@ K = k·r, so (k+1)·r·(out+in) in all, against out·in for the updated weight. 
 residual, 64 MiB for the weight. Factors stop paying at K ≥ out·in/(out+in)
 (2048 here, e.g. 128 clients of rank 16). "fedavg" and "ffa" send the adapters
 only (FFA's A never changes; it is resent for simplicity).
-
-Server side::
-
-    strategy = FedExLoRA("fedex", scaling=layer.scaling, base_weights=base_weights(model))
-    result = strategy.start(grid=grid, initial_arrays=adapter_arrays(model), num_rounds=3)
-
-Client side (``context.state`` keeps the node's base and its version between
-rounds; see examples/flower_fedex.py)::
-
-    version = apply_global_adapters(model, msg.content["arrays"], base_version=version)
-    ... train the adapters ...
-    reply = RecordDict({"arrays": adapter_arrays(model),
-                        "metrics": MetricRecord({"num-examples": n, BASE_VERSION_KEY: version})})
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
@@ -82,191 +41,47 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from .. import _backend, reference
-from ..federated import METHODS, aggregate
-from ..layers import LoRALinear
+from ... import _ops
+from ..._checks import check_choice, check_count, check_finite, check_fraction, check_nonnegative
+from ...federated import METHODS, aggregate
+from .records import (ADAPTER_SUFFIXES, BASE_SUFFIXES, BASE_VERSION_KEY, ArraysLike, split_key, to_array, to_tensor,
+                      version_array)
 
-__all__ = ["FedExLoRA", "apply_global_adapters", "adapter_arrays", "base_arrays", "base_weights",
-           "BASE_VERSION_KEY", "SYNC_KEY", "METHODS"]
+__all__ = ["FedExLoRA"]
 
-BASE_VERSION_KEY = "lorafast.base-version"   # MetricRecord key: the base version a client holds
-SYNC_KEY = "lorafast.base_version"           # ArrayRecord key: int64 [from, to] of a payload
-_ADAPTER = (".lora_A", ".lora_B")
-_RESIDUAL = (".residual_U", ".residual_V")
+# The MetricRecord key of a client's base version before it became BASE_VERSION_KEY:
+# clients running an older lorafast still report it, so replies are read under both.
+LEGACY_BASE_VERSION_KEY = "lorafast.base-version"
+_VERSION_KEYS = (BASE_VERSION_KEY, LEGACY_BASE_VERSION_KEY)
 _BASE_CHANGING = ("fedex", "flora")
 
-ArraysLike = Union[ArrayRecord, Mapping[str, Union[Array, np.ndarray, Tensor]]]
 
-
-# ----------------------------------------------------------------------------- helpers
-
-def _tensor(value) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, Array):
-        return torch.from_numpy(value.numpy())
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    raise ValueError(f"expected an Array, numpy array or tensor, got {type(value).__name__}")
-
-
-def _array(t: Tensor) -> Array:
-    return Array(np.ascontiguousarray(t.detach().cpu().numpy()))
-
-
-def _split_key(key: str, suffixes) -> Optional[tuple[str, str]]:
-    for suffix in suffixes:
-        if key.endswith(suffix) and len(key) > len(suffix):
-            return key[: -len(suffix)], suffix
-    return None
-
-
-def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def adapter_arrays(model: nn.Module) -> ArrayRecord:
-    """The adapters of every LoRALinear in ``model`` as an ArrayRecord: ``P.lora_A``,
-    ``P.lora_B`` (and ``P.lora_R`` for the XS/SB variants), what a client sends back."""
-    out = {}
-    for name, layer in _lora_layers(model).items():
-        for attr in ("lora_A", "lora_B", "lora_R"):
-            p = getattr(layer, attr)
-            if p is not None:
-                out[f"{name}.{attr}"] = _array(p)
-    return ArrayRecord(out)
-
-
-def base_arrays(model: nn.Module) -> ArrayRecord:
-    """The frozen base weights of every LoRALinear in ``model`` as ``P.weight`` entries
-    (``apply_global_adapters`` copies them back, e.g. to restore a client's base)."""
-    return ArrayRecord({f"{name}.weight": _array(layer.base_weight) for name, layer in _lora_layers(model).items()})
-
-
-def base_weights(model: nn.Module) -> dict[str, Tensor]:
-    """{P: weight} for every LoRALinear in ``model``, for ``FedExLoRA(base_weights=...)``."""
-    return {name: layer.base_weight.detach() for name, layer in _lora_layers(model).items()}
-
-
-@torch.no_grad()
-def apply_global_adapters(model: nn.Module, arrays: ArraysLike, *, base_version: Optional[int] = None,
-                          compensation: Optional[Mapping[str, Tensor]] = None) -> Optional[int]:
-    """Load what the server sent into ``model`` and return the base version it now holds.
-
-    For each LoRALinear layer ``P`` of ``model``: ``P.lora_A``/``P.lora_B`` (and
-    ``P.lora_R``) are copied into its adapters, ``P.weight`` into its base weight, and
-    ``P.residual_U``/``P.residual_V`` are added to the base, ``W ← W + U V`` with the
-    product and the sum in fp32 and the result cast to W's dtype (the server's own
-    merge, so an fp32 base stays bit-equal to the master copy). ``compensation``
-    ({P: fp32 tensor of W's shape}) carries what a half-precision W rounds away,
-    as ``lorafast.federated.aggregate`` does. Any other key must name a parameter or
-    buffer of ``model`` and is copied there (e.g. an averaged head).
-
-    ``base_version`` is the version this model's base holds (None: apply without
-    checking). Residuals it already has are skipped; residuals that start from another
-    version raise ValueError. Everything is checked before anything is written.
-    """
-    layers = _lora_layers(model)
-    if not isinstance(arrays, Mapping):
-        raise ValueError(f"arrays must be an ArrayRecord or a mapping of arrays, got {type(arrays).__name__}")
-    tensors = {k: _tensor(v) for k, v in arrays.items()}
-    meta = tensors.pop(SYNC_KEY, None)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(dict(model.named_buffers(remove_duplicate=False)))
-
-    copies: list[tuple[Tensor, Tensor, str]] = []
-    residuals: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        split = _split_key(key, _ADAPTER + (".lora_R", ".weight") + _RESIDUAL)
-        if split is not None and split[0] in layers:
-            prefix, suffix = split
-            if suffix in _RESIDUAL:
-                residuals.setdefault(prefix, {})[suffix] = value
-                continue
-            target = layers[prefix].base_weight if suffix == ".weight" else getattr(layers[prefix], suffix[1:])
-        else:
-            target = named.get(key)
-        if target is None:
-            raise ValueError(f"arrays[{key!r}] matches no LoRALinear adapter, base weight or parameter of model")
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"arrays[{key!r}] has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
-        copies.append((target, value, key))
-
-    for prefix, pair in residuals.items():
-        layer = layers[prefix]
-        if len(pair) != 2:
-            raise ValueError(f"arrays has only one of {prefix}.residual_U and {prefix}.residual_V")
-        if f"{prefix}.weight" in tensors:
-            raise ValueError(f"arrays has both {prefix}.weight and a residual for it")
-        U, V = pair[".residual_U"], pair[".residual_V"]
-        if U.dim() != 2 or V.dim() != 2 or U.shape[0] != layer.out_features or V.shape[1] != layer.in_features \
-                or U.shape[1] != V.shape[0]:
-            raise ValueError(f"arrays[{prefix}.residual_U/V] have shapes {tuple(U.shape)}, {tuple(V.shape)}; expected "
-                             f"({layer.out_features}, K) and (K, {layer.in_features})")
-        if compensation is not None and prefix in compensation:
-            c = compensation[prefix]
-            if not isinstance(c, Tensor) or c.dtype != torch.float32 or c.shape != layer.base_weight.shape:
-                raise ValueError(f"compensation[{prefix!r}] must be an fp32 tensor of shape "
-                                 f"{tuple(layer.base_weight.shape)}")
-
-    version_from = version_to = None
-    if meta is not None:
-        if meta.numel() != 2:
-            raise ValueError(f"arrays[{SYNC_KEY!r}] must hold [from, to], got {meta.tolist()}")
-        version_from, version_to = (int(v) for v in meta.tolist())
-    apply_residuals = bool(residuals)
-    if residuals and base_version is not None and version_to is not None:
-        if base_version == version_to:
-            apply_residuals = False          # already applied: the payload was delivered twice
-        elif base_version != version_from:
-            raise ValueError(f"base_version is {base_version} but the residuals in arrays update version "
-                             f"{version_from} to {version_to}; the server must resend the base weights")
-
-    for target, value, _ in copies:
-        target.copy_(value.to(device=target.device, dtype=target.dtype))
-    if apply_residuals:
-        for prefix, pair in residuals.items():
-            w = layers[prefix].base_weight
-            U = pair[".residual_U"].to(device=w.device, dtype=torch.float32)
-            V = pair[".residual_V"].to(device=w.device, dtype=torch.float32)
-            comp = None if compensation is None else compensation.get(prefix)
-            reference.fedex_merge_(w.data, U, V, comp)
-    return version_to if version_to is not None else base_version
+def _factors_pay(rank: int, shape) -> bool:
+    """Whether rank-``rank`` factors (U, V) of an (out, in) update are smaller than the weight."""
+    out_f, in_f = shape
+    return rank * (out_f + in_f) < out_f * in_f
 
 
 def _drop_version(fn: Callable[[list[RecordDict], str], MetricRecord]):
     """Wrap a metrics aggregation so that the clients' base versions are not averaged."""
     def wrapped(records: list[RecordDict], weighting_key: str) -> MetricRecord:
         metrics = fn(records, weighting_key)
-        if metrics is not None and BASE_VERSION_KEY in metrics:
-            del metrics[BASE_VERSION_KEY]
+        for key in _VERSION_KEYS:
+            if metrics is not None and key in metrics:
+                del metrics[key]
         return metrics
     return wrapped
 
 
-def _check_fraction(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-# ----------------------------------------------------------------------------- strategy
-
 class FedExLoRA(FedAvg):
-    """FedAvg whose LoRA adapters are aggregated exactly (see the module docstring).
+    """FedAvg whose LoRA adapters are aggregated exactly (see ``lorafast.integrations.flower``).
 
     Args:
         method: "fedex" (default), "fedavg", "ffa" or "flora" (``lorafast.federated.METHODS``).
@@ -290,13 +105,12 @@ class FedExLoRA(FedAvg):
                  configrecord_key: str = "config",
                  train_metrics_aggr_fn: Optional[Callable[[list[RecordDict], str], MetricRecord]] = None,
                  evaluate_metrics_aggr_fn: Optional[Callable[[list[RecordDict], str], MetricRecord]] = None) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        _check_fraction("fraction_train", fraction_train)
-        _check_fraction("fraction_evaluate", fraction_evaluate)
+        check_choice("method", method, METHODS)
+        check_fraction("fraction_train", fraction_train)
+        check_fraction("fraction_evaluate", fraction_evaluate)
         for name, value in (("min_train_nodes", min_train_nodes), ("min_evaluate_nodes", min_evaluate_nodes),
                             ("min_available_nodes", min_available_nodes)):
-            _check_count(name, value)
+            check_count(name, value)
         if not isinstance(weighted_by_key, str) or not weighted_by_key:
             raise ValueError(f"weighted_by_key must be a non-empty string, got {weighted_by_key!r}")
         self.method = method
@@ -344,17 +158,13 @@ class FedExLoRA(FedAvg):
         return master
 
     def _check_scaling(self, scaling) -> Union[float, dict[str, float]]:
-        def number(v, where):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"{where} must be a finite number, got {v!r}")
-            return float(v)
         if isinstance(scaling, Mapping):
-            table = {k: number(v, f"scaling[{k!r}]") for k, v in scaling.items()}
+            table = {k: check_finite(f"scaling[{k!r}]", v) for k, v in scaling.items()}
             missing = sorted(set(self._base or ()) - set(table))
             if missing:
                 raise ValueError(f"scaling has no value for layers {missing}")
             return table
-        return number(scaling, "scaling")
+        return check_finite("scaling", scaling)
 
     def scaling_of(self, layer: str) -> float:
         """The adapter scaling s of ``layer``."""
@@ -396,7 +206,7 @@ class FedExLoRA(FedAvg):
         """Fail before any client trains: every adapter sent must fit a known base weight."""
         layers: dict[str, dict[str, tuple]] = {}
         for key, value in arrays.items():
-            split = _split_key(key, _ADAPTER)
+            split = split_key(key, ADAPTER_SUFFIXES)
             if split is not None:
                 layers.setdefault(split[0], {})[split[1]] = tuple(value.shape)
         for prefix, shapes in layers.items():
@@ -409,33 +219,32 @@ class FedExLoRA(FedAvg):
     def _sync_payload(self, version: Optional[int]) -> dict[str, Array]:
         current = self._version
         if version == current:
-            return {SYNC_KEY: Array(np.array([current, current], dtype=np.int64))}
+            return {BASE_VERSION_KEY: version_array(current, current)}
         entries = None
         if version is not None and self._history_start <= version < current:
             entries = self._history[version - self._history_start:]
         payload: dict[str, Array] = {}
         whole = 0
         for name, w in self._base.items():
-            out_f, in_f = w.shape
             if entries is not None:
                 factors = [e[name] for e in entries if name in e]
                 rank = sum(u.shape[1] for u, _ in factors)
                 if rank == 0:
                     continue
-                if rank * (out_f + in_f) < out_f * in_f:
-                    payload[f"{name}.residual_U"] = _array(torch.cat([u for u, _ in factors], dim=1))
-                    payload[f"{name}.residual_V"] = _array(torch.cat([v for _, v in factors], dim=0))
+                if _factors_pay(rank, w.shape):
+                    payload[f"{name}.residual_U"] = to_array(torch.cat([u for u, _ in factors], dim=1))
+                    payload[f"{name}.residual_V"] = to_array(torch.cat([v for _, v in factors], dim=0))
                     continue
-            payload[f"{name}.weight"] = _array(w)
+            payload[f"{name}.weight"] = to_array(w)
             whole += 1
         start = -1 if whole == len(self._base) else version
-        payload[SYNC_KEY] = Array(np.array([start, current], dtype=np.int64))
+        payload[BASE_VERSION_KEY] = version_array(start, current)
         return payload
 
     def _is_base_entry(self, key: str) -> bool:
-        if key == SYNC_KEY:
+        if key == BASE_VERSION_KEY:
             return True
-        split = _split_key(key, (".weight",) + _RESIDUAL)
+        split = split_key(key, BASE_SUFFIXES)
         return split is not None and split[0] in self._base
 
     def with_base_sync(self, messages: Iterable[Message]) -> list[Message]:
@@ -478,8 +287,9 @@ class FedExLoRA(FedAvg):
                 self._node_version[node] = None
                 continue
             for metrics in msg.content.metric_records.values():
-                if BASE_VERSION_KEY in metrics:
-                    v = metrics[BASE_VERSION_KEY]
+                key = next((k for k in _VERSION_KEYS if k in metrics), None)
+                if key is not None:
+                    v = metrics[key]
                     ok = isinstance(v, numbers.Real) and float(v).is_integer() and 0 <= v <= self._version
                     self._node_version[node] = int(v) if ok else None
         for node in self._awaiting:
@@ -505,12 +315,14 @@ class FedExLoRA(FedAvg):
         if not valid:
             return None, None
         contents = [msg.content for msg in valid]
-        weights = [next(iter(c.metric_records.values()))[self.weighted_by_key] for c in contents]
-        if any(isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0
-               for w in weights) or sum(weights) <= 0:
+        raw = [next(iter(c.metric_records.values()))[self.weighted_by_key] for c in contents]
+        try:
+            weights = [check_nonnegative(self.weighted_by_key, w) for w in raw]
+        except ValueError:
+            weights = None
+        if weights is None or sum(weights) <= 0:
             raise ValueError(f"the clients' {self.weighted_by_key!r} metrics must be finite, >= 0 and not all "
-                             f"zero, got {weights}")
-        weights = [float(w) for w in weights]
+                             f"zero, got {raw}")
         records = [next(iter(c.array_records.values())) for c in contents]
         arrays = self._aggregate_arrays(records, weights)
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
@@ -520,30 +332,51 @@ class FedExLoRA(FedAvg):
         self.note_replies(replies)
         return super().aggregate_evaluate(server_round, replies)
 
+    def _client_adapters(self, records: list[ArrayRecord], prefix: str) -> tuple[list[Tensor], list[Tensor]]:
+        """The clients' (A, B) of layer ``prefix``, checked: shapes against the base and each
+        other, floating point, finite, and a shared A for "ffa"."""
+        if f"{prefix}.lora_A" not in records[0] or f"{prefix}.lora_B" not in records[0]:
+            raise ValueError(f"client replies carry only one of {prefix}.lora_A and {prefix}.lora_B")
+        device = self._base[prefix].device if self._base is not None and prefix in self._base else "cpu"
+        A = [to_tensor(r[f"{prefix}.lora_A"]).to(device) for r in records]
+        B = [to_tensor(r[f"{prefix}.lora_B"]).to(device) for r in records]
+        for i, (a, b) in enumerate(zip(A, B)):
+            self._check_adapter_shapes(prefix, tuple(a.shape), tuple(b.shape), f"client reply {i}")
+            if a.shape != A[0].shape:
+                raise ValueError(f"client reply {i}: {prefix}.lora_A has shape {tuple(a.shape)} but client 0's "
+                                 f"is {tuple(A[0].shape)}; one global adapter is broadcast, so all clients "
+                                 "must share each layer's rank")
+            if not (a.is_floating_point() and b.is_floating_point()):
+                raise ValueError(f"client reply {i}: {prefix} adapters must be floating point")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"client reply {i}: {prefix} adapters are not finite")
+        if self.method == "ffa" and any(not torch.equal(a, A[0]) for a in A[1:]):
+            raise ValueError(f"method='ffa' needs every client to share {prefix}.lora_A exactly")
+        self.scaling_of(prefix)
+        return A, B
+
+    def _aggregate_layer(self, prefix: str, A: list[Tensor], B: list[Tensor], weights: list[float],
+                         p: Tensor) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """(global lora_A, global lora_B, base update (U, V) or None) of one layer; "fedex"
+        and "flora" update the master copy."""
+        s = self.scaling_of(prefix)
+        if self._base is not None:
+            weight = self._base[prefix]
+        else:  # fedavg / ffa leave W alone: a stride-0 stand-in of the right shape
+            weight = torch.zeros(1, 1, device=A[0].device).expand(B[0].shape[0], A[0].shape[1])
+        res = aggregate(weight, A, B, method=self.method, client_weights=weights, scaling=s, backend=self.backend)
+        if self.method != "flora":
+            return res.lora_A, res.lora_B, res.residual
+        # W += s·[B₁…B_k][p₁A₁; …; p_kA_k]; the adapters restart from (Ā, 0)
+        U, V = (s * res.lora_B.to(torch.float32)).contiguous(), res.lora_A.to(torch.float32).contiguous()
+        _ops.fedex_merge_(weight, U, V, None, self.backend)
+        lora_A = torch.einsum("k,kri->ri", p.to(A[0].device), torch.stack([a.double() for a in A])).to(A[0].dtype)
+        return lora_A, torch.zeros_like(B[0]), (U, V)
+
     def _aggregate_arrays(self, records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
         keys = list(records[0].keys())
-        layers = sorted({s[0] for k in keys if (s := _split_key(k, _ADAPTER))})
-        client_A, client_B = {}, {}
-        for prefix in layers:
-            if f"{prefix}.lora_A" not in records[0] or f"{prefix}.lora_B" not in records[0]:
-                raise ValueError(f"client replies carry only one of {prefix}.lora_A and {prefix}.lora_B")
-            device = self._base[prefix].device if self._base is not None and prefix in self._base else "cpu"
-            A = [_tensor(r[f"{prefix}.lora_A"]).to(device) for r in records]
-            B = [_tensor(r[f"{prefix}.lora_B"]).to(device) for r in records]
-            for i, (a, b) in enumerate(zip(A, B)):
-                self._check_adapter_shapes(prefix, tuple(a.shape), tuple(b.shape), f"client reply {i}")
-                if a.shape != A[0].shape:
-                    raise ValueError(f"client reply {i}: {prefix}.lora_A has shape {tuple(a.shape)} but client 0's "
-                                     f"is {tuple(A[0].shape)}; one global adapter is broadcast, so all clients "
-                                     "must share each layer's rank")
-                if not (a.is_floating_point() and b.is_floating_point()):
-                    raise ValueError(f"client reply {i}: {prefix} adapters must be floating point")
-                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                    raise ValueError(f"client reply {i}: {prefix} adapters are not finite")
-            if self.method == "ffa" and any(not torch.equal(a, A[0]) for a in A[1:]):
-                raise ValueError(f"method='ffa' needs every client to share {prefix}.lora_A exactly")
-            self.scaling_of(prefix)
-            client_A[prefix], client_B[prefix] = A, B
+        layers = sorted({s[0] for k in keys if (s := split_key(k, ADAPTER_SUFFIXES))})
+        clients = {prefix: self._client_adapters(records, prefix) for prefix in layers}
 
         # Everything is checked: from here on the master copy changes.
         out: dict[str, Array] = {}
@@ -551,32 +384,13 @@ class FedExLoRA(FedAvg):
         p = torch.tensor(weights, dtype=torch.float64)
         p = p / p.sum()
         for prefix in layers:
-            A, B = client_A[prefix], client_B[prefix]
-            s = self.scaling_of(prefix)
-            if self._base is not None:
-                weight = self._base[prefix]
-            else:  # fedavg / ffa leave W alone: a stride-0 stand-in of the right shape
-                weight = torch.zeros(1, 1, device=A[0].device).expand(B[0].shape[0], A[0].shape[1])
-            res = aggregate(weight, A, B, method=self.method, client_weights=weights, scaling=s,
-                            backend=self.backend)
-            if self.method == "fedex":
-                update[prefix] = res.residual
-                lora_A, lora_B = res.lora_A, res.lora_B
-            elif self.method == "flora":
-                # W += s·[B₁…B_k][p₁A₁; …; p_kA_k]; the adapters restart from (Ā, 0)
-                U, V = (s * res.lora_B.to(torch.float32)).contiguous(), res.lora_A.to(torch.float32).contiguous()
-                merge = _backend.select("fedex_merge", weight.device, weight.dtype, self.backend)
-                torch.ops.lorafast.fedex_merge_(weight, U, V, None, merge)
-                update[prefix] = (U, V)
-                pd = p.to(A[0].device)
-                lora_A = torch.einsum("k,kri->ri", pd, torch.stack([a.double() for a in A])).to(A[0].dtype)
-                lora_B = torch.zeros_like(B[0])
-            else:
-                lora_A, lora_B = res.lora_A, res.lora_B
-            out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = _array(lora_A), _array(lora_B)
+            lora_A, lora_B, residual = self._aggregate_layer(prefix, *clients[prefix], weights, p)
+            if residual is not None:
+                update[prefix] = residual
+            out[f"{prefix}.lora_A"], out[f"{prefix}.lora_B"] = to_array(lora_A), to_array(lora_B)
 
         for key in keys:  # everything else: FedAvg's weighted mean, accumulated in float64
-            if _split_key(key, _ADAPTER):
+            if split_key(key, ADAPTER_SUFFIXES):
                 continue
             values = [r[key].numpy() for r in records]
             mean = sum(float(w) * v.astype(np.float64) for w, v in zip(p.tolist(), values))
@@ -594,13 +408,9 @@ class FedExLoRA(FedAvg):
         rank = {name: 0 for name in self._base}
         keep = 0
         for j in range(len(self._history) - 1, -1, -1):
-            useful = False
             for name, (u, _) in self._history[j].items():
                 rank[name] += u.shape[1]
-            for name, w in self._base.items():
-                if rank[name] and rank[name] * (w.shape[0] + w.shape[1]) < w.shape[0] * w.shape[1]:
-                    useful = True
-            if not useful:
+            if not any(rank[name] and _factors_pay(rank[name], w.shape) for name, w in self._base.items()):
                 break
             keep += 1
         drop = len(self._history) - keep
@@ -619,7 +429,7 @@ class FedExLoRA(FedAvg):
         for prefix, w in self._base.items():
             if f"{prefix}.lora_A" not in arrays or f"{prefix}.lora_B" not in arrays:
                 raise ValueError(f"arrays has no adapters for layer {prefix!r}")
-            A = _tensor(arrays[f"{prefix}.lora_A"]).to(device=w.device, dtype=torch.float32)
-            B = _tensor(arrays[f"{prefix}.lora_B"]).to(device=w.device, dtype=torch.float32)
+            A = to_tensor(arrays[f"{prefix}.lora_A"]).to(device=w.device, dtype=torch.float32)
+            B = to_tensor(arrays[f"{prefix}.lora_B"]).to(device=w.device, dtype=torch.float32)
             out[prefix] = w + self.scaling_of(prefix) * (B @ A)
         return out
