@@ -10,7 +10,6 @@ in place, and keep B and A frozen (only R trains):
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Callable, Iterable
@@ -18,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_count, check_nonnegative, check_positive
 from .layers import LoRALinear
 
 __all__ = ["lora_xs_", "lora_sb_"]
@@ -53,8 +53,7 @@ def lora_xs_(model: nn.Module, *, r_std: float = 1e-5) -> nn.Module:
     """LoRA-XS: B = U_r, A = Σ_r V_rᵀ from the SVD of each layer's base weight (fp32), and R
     drawn from N(0, r_std²) with the layer's seed (``r_std=0`` gives R = 0, the base output).
     Returns ``model``."""
-    if isinstance(r_std, bool) or not isinstance(r_std, (int, float)) or not math.isfinite(r_std) or r_std < 0:
-        raise ValueError(f"r_std must be a finite number >= 0, got {r_std!r}")
+    r_std = check_nonnegative("r_std", r_std)
     layers = _r_layers(model, "lora_xs_")
     for layer in layers:
         U, S, Vh = torch.linalg.svd(layer.base_weight.float(), full_matrices=False)
@@ -109,10 +108,8 @@ def lora_sb_(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, 
 
     The model's train/eval mode is left as it is; parameter ``.grad`` fields are not
     touched. Returns ``model``."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    num_samples = check_count("num_samples", num_samples, 1)
+    lr = check_positive("lr", lr)
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable as loss_fn(model, batch) -> scalar loss, got {loss_fn!r}")
     layers = _r_layers(model, "lora_sb_")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops, _random
+from . import _ops
+from ._checks import check_seed
 from ._ops import lora_linear
 
 VARIANTS = ("lora", "ffa", "xs", "sb")
@@ -22,13 +23,19 @@ class LoRALinear(nn.Module):
     Variants (which parameters train):
       * ``"lora"``: A and B; A Kaiming-uniform, B zeros (PEFT's default init).
       * ``"ffa"``:  B only (FFA-LoRA); A is frozen at a random init drawn from ``seed``,
-        so clients that share the seed share A.
+        so clients that share the seed (``layer.seed``) share A.
       * ``"xs"`` / ``"sb"``: R (r×r) only; A and B are frozen. The init here is a
         placeholder: A and B random from ``seed`` (A Kaiming-uniform, B with orthogonal
         columns) and R zeros, so the layer starts at the base output. The SVD-based
         LoRA-XS and gradient-based LoRA-SB initialisations replace it.
 
     The base weight and bias are frozen; adapters are fp32 whatever the base dtype.
+
+    The adapters are drawn from a CPU generator seeded with ``seed``. ``seed=None`` draws
+    that seed from torch's global generator (after the base weight, which is drawn as
+    nn.Linear draws it), so ``torch.manual_seed`` makes a model's init reproducible, as with
+    nn.Linear and PEFT. Either way ``layer.seed`` holds it: ``reset_adapters()`` redraws the
+    same adapters, and FFA clients share A by sharing it. Dropout masks do not use it.
 
     ``fan_in_fan_out=True`` stores ``weight`` as (in, out), the layout of GPT-2's
     ``Conv1D`` (y = x W + b), so that the layer can share a Conv1D's parameter and
@@ -57,7 +64,7 @@ class LoRALinear(nn.Module):
         self.variant, self.use_rslora = variant, use_rslora
         self.fan_in_fan_out, self.merged = bool(fan_in_fan_out), False
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.seed = _random.next_seed() if seed is None else int(seed)
+        self.seed = check_seed("seed", seed)   # None: drawn from torch's generator by reset_adapters
         fkw = dict(device=device, dtype=dtype)
         akw = dict(device=device, dtype=torch.float32)
         shape = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
@@ -78,6 +85,11 @@ class LoRALinear(nn.Module):
             self.reset_adapters()
 
     def reset_adapters(self) -> None:
+        """The adapters' init from ``self.seed`` (drawn from torch's global generator if None)."""
+        if self.seed is None:
+            self.seed = _seed_from_torch()
+        if self.lora_A.is_meta:
+            return  # from_linear builds on the meta device, then calls this again on the real one
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         with torch.no_grad():
             a = torch.empty(self.lora_A.shape)
@@ -160,6 +172,11 @@ class LoRALinear(nn.Module):
                 f"lora_alpha={self.lora_alpha}, variant={self.variant!r}, scaling={self.scaling:g}, "
                 f"lora_dropout={self.lora_dropout}, bias={self.bias is not None}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + (", merged=True" if self.merged else ""))
+
+
+def _seed_from_torch() -> int:
+    """A seed in [0, 2**63) from torch's global CPU generator, which torch.manual_seed sets."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -21,25 +21,10 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
                               SequentialSampler)
 from torch.utils.data.distributed import DistributedSampler
 
+from .._checks import check_count, check_sample_rate
 from .noise import os_seed, secure_uniform
 
 __all__ = ["DPDataLoader", "PoissonBatchSampler"]
-
-
-def _check_sample_rate(sample_rate) -> float:
-    try:
-        q = float(sample_rate)
-    except (TypeError, ValueError):
-        q = float("nan")
-    if isinstance(sample_rate, (str, bytes)) or not 0 < q <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    return q
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class PoissonBatchSampler(Sampler):
@@ -64,15 +49,15 @@ class PoissonBatchSampler(Sampler):
     def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None, *,
                  generator: torch.Generator | None = None, secure_mode: bool = False,
                  rank: int = 0, world_size: int = 1):
-        self.num_samples = _check_int(num_samples, "num_samples", 1)
-        self.sample_rate = _check_sample_rate(sample_rate)
-        self.world_size = _check_int(world_size, "world_size", 1)
-        self.rank = _check_int(rank, "rank", 0)
+        self.num_samples = check_count("num_samples", num_samples, 1)
+        self.sample_rate = check_sample_rate("sample_rate", sample_rate)
+        self.world_size = check_count("world_size", world_size, 1)
+        self.rank = check_count("rank", rank)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {rank!r}")
         if self.num_samples < self.world_size:
             raise ValueError(f"num_samples must be at least world_size={self.world_size}, got {num_samples!r}")
-        self.steps = max(1, round(1 / self.sample_rate)) if steps is None else _check_int(steps, "steps", 1)
+        self.steps = max(1, round(1 / self.sample_rate)) if steps is None else check_count("steps", steps, 1)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.secure_mode = bool(secure_mode)
@@ -181,7 +166,7 @@ class DPDataLoader(DataLoader):
             num_samples = len(dataset)
         except TypeError:
             raise ValueError("dataset must be a map-style dataset with __len__") from None
-        sample_rate = _check_sample_rate(sample_rate)
+        sample_rate = check_sample_rate("sample_rate", sample_rate)
         for key in _SAMPLING_KWARGS:
             if key in loader_kwargs:
                 raise ValueError(f"{key} can't be given to DPDataLoader: batches are Poisson sampled "

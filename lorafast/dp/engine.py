@@ -15,8 +15,6 @@ assumption). The accountant records one Poisson-subsampled Gaussian step per
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Sequence, Union
 
 from torch import nn
@@ -24,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from .._checks import check_choice, check_count, check_nonnegative, check_positive, check_seed
 from .accountant import MECHANISMS, Accountant, get_noise_multiplier
 from .data_loader import DPDataLoader
 from .grad_sample import LOSS_REDUCTIONS, GradSampleStore, attach, is_attached, trainable_parameters
@@ -33,25 +32,19 @@ ACCOUNTANTS = MECHANISMS
 CLIPPINGS = ("flat", "per_layer")
 
 
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def _check_bounds(max_grad_norm, clipping: str, n_params: int, names: list[str]):
     if clipping == "flat":
         if isinstance(max_grad_norm, (list, tuple)):
             raise ValueError("max_grad_norm must be a single number with clipping='flat' "
                              f"(a list is for clipping='per_layer'), got {max_grad_norm!r}")
-        return _positive("max_grad_norm", max_grad_norm)
+        return check_positive("max_grad_norm", max_grad_norm)
     if not isinstance(max_grad_norm, (list, tuple)):
         raise ValueError("max_grad_norm must be a list with one bound per trainable parameter with "
                          f"clipping='per_layer' ({n_params}: {names}), got {max_grad_norm!r}")
     if len(max_grad_norm) != n_params:
         raise ValueError(f"max_grad_norm has {len(max_grad_norm)} bounds but the module has {n_params} "
                          f"trainable parameters ({names})")
-    return [_positive(f"max_grad_norm[{i}]", c) for i, c in enumerate(max_grad_norm)]
+    return [check_positive(f"max_grad_norm[{i}]", c) for i, c in enumerate(max_grad_norm)]
 
 
 class PrivacyEngine:
@@ -64,9 +57,7 @@ class PrivacyEngine:
     """
 
     def __init__(self, accountant: str = "pld", secure_mode: bool = False):
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-        self.accountant_name = accountant
+        self.accountant_name = check_choice("accountant", accountant, ACCOUNTANTS)
         self.accountant = Accountant(accountant)
         self.secure_mode = bool(secure_mode)
 
@@ -89,15 +80,10 @@ class PrivacyEngine:
                              f"{type(optimizer).__name__}")
         if not isinstance(data_loader, DataLoader):
             raise ValueError(f"data_loader must be a torch.utils.data.DataLoader, got {type(data_loader).__name__}")
-        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, numbers.Real) \
-                or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        if clipping not in CLIPPINGS:
-            raise ValueError(f"clipping must be one of {CLIPPINGS}, got {clipping!r}")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        if noise_seed is not None and (not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63):
-            raise ValueError(f"noise_seed must be None or an int in [0, 2**63), got {noise_seed!r}")
+        noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+        check_choice("clipping", clipping, CLIPPINGS)
+        check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        noise_seed = check_seed("noise_seed", noise_seed)
         named = trainable_parameters(module)
         if not named:
             raise ValueError("module has no trainable parameters")
@@ -137,9 +123,8 @@ class PrivacyEngine:
                                   max_grad_norm: Union[float, Sequence[float]], **kwargs):
         """``make_private`` with the smallest noise multiplier that keeps ε ≤ target_epsilon at
         target_delta after ``epochs`` epochs of len(data_loader) steps each."""
-        _positive("target_epsilon", target_epsilon)
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        check_positive("target_epsilon", target_epsilon)
+        epochs = check_count("epochs", epochs, 1)
         if not isinstance(data_loader, DataLoader) or len(data_loader) == 0:
             raise ValueError("data_loader must be a non-empty torch.utils.data.DataLoader")
         sample_rate = 1.0 / len(data_loader)

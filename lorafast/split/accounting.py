@@ -63,17 +63,11 @@ from typing import Sequence
 import dp_accounting
 from dp_accounting import rdp as dp_rdp
 
-from ..dp.accountant import _check_delta, _check_noise_multiplier, _check_sample_rate, _real
-from ..reference import PRIVATIZE_MODES as MODES  # privatize's clipping modes
-from .cutmix import _check_ratios
+from .._checks import check_choice, check_count, check_delta, check_nonnegative, check_sample_rate, real
+from .._layout import PRIVATIZE_MODES as MODES  # privatize's clipping modes
+from .cutmix import check_ratios
 
 __all__ = ["epsilon", "rdp"]
-
-
-def _check_mode(mode) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
 
 
 def _check_sample_shape(sample_shape) -> tuple[int, ...]:
@@ -87,7 +81,7 @@ def _check_sample_shape(sample_shape) -> tuple[int, ...]:
 
 def _sensitivity_squared(mode: str, sample_shape) -> int:
     """s², one example's squared L2 sensitivity in units of C²."""
-    mode = _check_mode(mode)
+    mode = check_choice("mode", mode, MODES)
     if sample_shape is None:
         if mode != "sample":
             raise ValueError(f"sample_shape is required for mode={mode!r}")
@@ -103,7 +97,7 @@ def _sensitivity_squared(mode: str, sample_shape) -> int:
 def _scale(mode, sample_shape, mixing_ratios) -> float:
     """m·s², the factor on the RDP of a unit-sensitivity Gaussian."""
     s2 = _sensitivity_squared(mode, sample_shape)
-    m = 1.0 if mixing_ratios is None else float(_check_ratios(mixing_ratios, "mixing_ratios").max())
+    m = 1.0 if mixing_ratios is None else float(check_ratios("mixing_ratios", mixing_ratios).max())
     return m * s2
 
 
@@ -113,8 +107,8 @@ def rdp(noise_multiplier, order, *, mode: str = "sample", sample_shape=None, mix
     s is the sensitivity of ``mode`` and m = max(``mixing_ratios``) (1 without);
     see the module docstring. σ = 0 gives ``inf``.
     """
-    sigma = _check_noise_multiplier(noise_multiplier)
-    alpha = _real(order, "order")
+    sigma = check_nonnegative("noise_multiplier", noise_multiplier)
+    alpha = real("order", order)
     if not (math.isfinite(alpha) and alpha > 1):
         raise ValueError(f"order must be a finite number > 1, got {order!r}")
     scale = _scale(mode, sample_shape, mixing_ratios)
@@ -140,17 +134,16 @@ def epsilon(noise_multiplier, steps, delta, *, mode: str = "sample", sample_shap
 
     σ = 0 gives ``inf``. Assumptions and formulas: see the module docstring.
     """
-    sigma = _check_noise_multiplier(noise_multiplier)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    delta = _check_delta(delta)
+    sigma = check_nonnegative("noise_multiplier", noise_multiplier)
+    steps = check_count("steps", steps, 1)
+    delta = check_delta("delta", delta)
     scale = _scale(mode, sample_shape, mixing_ratios)
-    q = None if sample_rate is None else _check_sample_rate(sample_rate)
+    q = None if sample_rate is None else check_sample_rate("sample_rate", sample_rate)
     if sigma == 0:
         return math.inf  # an unnoised release of a clipped activation
     event = dp_accounting.GaussianDpEvent(sigma / math.sqrt(scale))
     if q is not None:
         event = dp_accounting.PoissonSampledDpEvent(q, event)
     acc = dp_rdp.RdpAccountant()
-    acc.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
     return float(acc.get_epsilon(delta))

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._checks import check_count, check_seed
 from ..dp.noise import os_seed
 
 __all__ = ["cutmix", "mix_labels"]
@@ -31,16 +32,10 @@ __all__ = ["cutmix", "mix_labels"]
 _RATIO_SUM_TOL = 1e-6
 
 
-def _check_seed(seed) -> int:
-    if seed is None:
-        return os_seed()
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
-    return int(seed)
+def check_ratios(name: str, ratios, k: int | None = None) -> np.ndarray:
+    """Non-negative finite ratios summing to 1 (within 1e-6), renormalised, as float64; ``k``: how many.
 
-
-def _check_ratios(ratios, name: str = "ratios", k: int | None = None) -> np.ndarray:
-    """Non-negative finite ratios summing to 1 (within 1e-6), renormalised, as float64."""
+    Shared with :mod:`lorafast.split.accounting`, which checks ``mixing_ratios`` the same way."""
     if isinstance(ratios, torch.Tensor):
         if ratios.ndim != 1:
             raise ValueError(f"{name} must be 1-D, got a tensor of shape {tuple(ratios.shape)}")
@@ -137,8 +132,9 @@ def cutmix(smashed_list, ratios=None, *, patch_dim: int = 1, seed: int | None = 
     dim = _check_patch_dim(patch_dim, len(shape))
     if shape[dim] == 0:
         raise ValueError(f"smashed_list tensors have no patches along patch_dim={patch_dim} (shape {tuple(shape)})")
-    lam = None if ratios is None else _check_ratios(ratios, "ratios", k)
-    rng = np.random.default_rng(_check_seed(seed))
+    lam = None if ratios is None else check_ratios("ratios", ratios, k)
+    seed = check_seed("seed", seed)
+    rng = np.random.default_rng(os_seed() if seed is None else seed)
 
     B, P = shape[0], shape[dim]
     if lam is None:
@@ -204,9 +200,8 @@ def mix_labels(labels_list, masks, *, num_classes: int | None = None) -> torch.T
             raise ValueError(f"labels_list[{i}] has shape/dtype/device {tuple(y.shape)}/{y.dtype}/{y.device}, but "
                              f"client 0 has {tuple(ys[0].shape)}/{ys[0].dtype}/{ys[0].device}; all must agree")
     y0 = ys[0]
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
-                                    or num_classes < 1):
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if num_classes is not None:
+        num_classes = check_count("num_classes", num_classes, 1)
     if y0.is_floating_point():
         if y0.ndim != 2 or y0.shape[0] != B:
             raise ValueError(f"labels_list soft labels must have shape (B={B}, C), got {tuple(y0.shape)}")
