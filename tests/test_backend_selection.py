@@ -89,7 +89,7 @@ def test_without_a_table_the_lora_linear_takes_cublas_base_gemms(fake_gpu, dtype
     name, why = _backend.choose("lora_linear_fwd", fake_gpu, dtype, None, SHAPE)
     assert name == "hybrid" and "no measured table" in why and GPU in why
     assert _backend.select("lora_linear_fwd", fake_gpu, dtype) == "hybrid"       # no shape: the same default
-    for op in ("privatize", "fedex_merge", "clip_reduce_noise"):
+    for op in ("privatize", "fedex_merge_", "clip_reduce_noise"):
         assert _backend.select(op, fake_gpu, dtype, shape=(1000,)) == "triton"
 
 
