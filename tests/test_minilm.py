@@ -114,7 +114,9 @@ def test_injected_minilm_starts_at_the_base_model(minilm):
         y = model(**enc).last_hidden_state
         y_base = base(**enc).last_hidden_state
     assert y.shape == (3, enc["input_ids"].shape[1], 384)
-    torch.testing.assert_close(y, y_base, rtol=1e-5, atol=1e-5)
+    # fp32 through six layers: the reference forms x·Wᵀ then adds the bias, nn.Linear one addmm, so a
+    # few elements of the random inputs differ by an ulp-scale 1e-5 (seen before this layout, too)
+    torch.testing.assert_close(y, y_base, rtol=1e-4, atol=1e-4)
 
     # a nonzero B changes the output (the adapters are really in the forward)
     with torch.no_grad():
