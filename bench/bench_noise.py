@@ -19,23 +19,21 @@ when a row fits one block). Each provider's output with zero noise is checked ag
 float64 reference before timing. On a GPU, the faster of triton/cuda per shape is recorded
 for automatic selection (lorafast/_selection.py; the user's table, or --table PATH).
 
-    python bench/bench_noise.py [--quick] [--out PATH] [--providers ...] [--device cuda|cpu]
+    python bench/bench_noise.py [--quick] [--out PATH] [--providers ...] [--device cuda|cpu] [--table PATH]
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-import lorafast  # before triton: on a CPU-only machine it switches Triton to its interpreter
+import lorafast  # noqa: F401  (before triton: on a CPU-only machine it switches Triton to its interpreter)
 from lorafast import reference
 from lorafast.split import privatize
-from lorafast.validate import rel_err
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` however the script is launched
 import common  # noqa: E402
 
 KERNEL = "noise"
@@ -70,23 +68,6 @@ def provider_fn(name: str, h: torch.Tensor, mode: str) -> Callable[[float], torc
     return lambda std: privatize(h, CLIP, std / CLIP, mode=mode, seed=1234, backend=backend)
 
 
-def checked(name: str, h: torch.Tensor, mode: str) -> Optional[Callable[[float], torch.Tensor]]:
-    """The provider's function if its noiseless output matches float64, else None (loudly)."""
-    try:
-        fn = provider_fn(name, h, mode)
-        if name == "copy":
-            return fn
-        want, _ = reference.privatize(h.double(), CLIP, 0.0, mode=mode, seed=0, offset=0)
-        err = rel_err(fn(0.0), want)
-    except Exception as e:
-        common.banner(f"SKIP {name} ({mode}, {label(*h.shape, h.dtype)}): failed to run: {type(e).__name__}: {e}")
-        return None
-    if not err <= MAX_REL_ERR:
-        common.banner(f"SKIP {name} ({mode}): rel. error {err:.3g} > {MAX_REL_ERR}")
-        return None
-    return fn
-
-
 def make_input(rows: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The seeded activations h (rows, d) that every provider privatizes."""
     torch.manual_seed(0)
@@ -98,83 +79,59 @@ def bytes_moved(h: torch.Tensor) -> int:
     return 2 * h.numel() * h.element_size()
 
 
-def run_shape(rows: int, d: int, dtype: torch.dtype, providers: list[str], device: torch.device, env: dict,
-              p50s: dict) -> list[dict]:
-    h = make_input(rows, d, dtype, device)
-    nbytes = bytes_moved(h)
-    lab = label(rows, d, dtype)
-    out = []
-    for mode in MODES:
-        times = {}
-        for name in providers:
-            fn = checked(name, h, mode)
-            if fn is None:
-                continue
-            q = common.bench(lambda: fn(STD), device)
-            times[name] = q[0]
-            out.append(common.row(KERNEL, name, mode, "time", "ms", "shape", lab, q, env))
-            out.append(common.row(KERNEL, name, mode, "bandwidth", "GB/s", "shape", lab,
-                                  [nbytes / (t * 1e-3) / 1e9 for t in (q[0], q[2], q[1])], env))
-        if "copy" in times:
-            for name, t in times.items():
-                pct = 100.0 * times["copy"] / t
-                out.append(common.row(KERNEL, name, mode, "pct_of_copy", "%", "shape", lab, [pct, pct, pct], env))
-        p50s[(lab, mode)] = times
-        common.log(f"{lab:36s} {mode:8s} " + ", ".join(f"{n} {t:.4f} ms" for n, t in times.items()))
-    return out
+class NoiseSuite(common.Suite):
+    KERNEL, MODES, PROVIDERS, GPU_PROVIDERS, CPU_PROVIDERS = KERNEL, MODES, ALL_PROVIDERS, GPU_PROVIDERS, CPU_PROVIDERS
+    CUDA_PROVIDER = "lorafast-cuda"
+    SIZES = {"cpu": CPU_SHAPES, "quick": QUICK_SHAPES, "full": FULL_SHAPES}
+    QUICK_HELP = "only 16384x4096 bf16"
+    SMOKE_WHAT, SMOKE = "tiny shape", "one tiny shape, wall-clock timing."
+    ROOFLINE_GEMMS = ("bf16",)
+    BASELINE, PERCENT = "copy", True
+    RECORD_OP, RECORD_BACKENDS = "privatize", ("triton", "cuda")
+
+    def label(self, shape):
+        return label(*shape)
+
+    def units(self, providers):
+        return [(p, (mode,)) for mode in MODES for p in providers]  # provider_fn is per mode
+
+    def inputs(self, shape):
+        return make_input(*shape, self.device)
+
+    def build(self, provider, shape, h, modes):
+        fn = provider_fn(provider, h, modes[0])
+        return common.Case(provider, lambda: fn(STD), state=(fn, modes[0]))
+
+    def check(self, case, shape, h):
+        """The noiseless output against float64 (copy is the ceiling, not checked)."""
+        fn, mode = case.state
+        if case.provider == "copy":
+            return None
+        want, _ = reference.privatize(h.double(), CLIP, 0.0, mode=mode, seed=0, offset=0)
+        return common.check_close(fn(0.0), want, MAX_REL_ERR)
+
+    def rates(self, shape, mode, h):
+        return [("bandwidth", "GB/s", bytes_moved(h) / 1e9)]
+
+    def derived_rows(self):
+        """pct_of_copy: copy's p50 time over each provider's, in %."""
+        rows = []
+        for (lab, mode), by in self.p50.items():
+            for p, m in by.items() if "copy" in by else ():
+                pct = 100.0 * by["copy"]["time"] / m["time"]
+                rows.append(common.row(KERNEL, p, mode, "pct_of_copy", "%", self.X_NAME, lab, [pct] * 3, self.env))
+        return rows
+
+    def record_key(self, shape, mode):
+        rows, d, dtype = shape  # "token" mode, the common one
+        return (str(dtype).removeprefix("torch."), (rows * d,)) if mode == "token" else None
+
+    def info(self, shape, h):
+        return {"bytes_moved": bytes_moved(h)}
 
 
-def print_table(p50s: dict, providers: list[str]) -> None:
-    head = ["shape", "mode"] + [f"{p} ms (% of copy)" for p in providers]
-    lines = []
-    for (lab, mode), by in p50s.items():
-        copy = by.get("copy")
-        lines.append([lab, mode] + ["-" if p not in by else f"{by[p]:.4f} ({100 * copy / by[p]:.0f}%)" if copy
-                                    else f"{by[p]:.4f}" for p in providers])
-    print("\n" + common.format_rows(head, lines))
-
-
-def record_backends(p50s: dict, gpu: str, table: Optional[Path]) -> None:
-    """The faster of triton/cuda per shape ("token" mode, the common one) for automatic selection."""
-    from lorafast import _selection
-    for (lab, mode), by in p50s.items():
-        if mode == "token" and "lorafast-triton" in by and "lorafast-cuda" in by:
-            rows, d, dtype = (v.split("=")[1] for v in lab.split(","))
-            path = _selection.record(gpu, "privatize", dtype, (int(rows) * int(d),),
-                                     {"triton": by["lorafast-triton"], "cuda": by["lorafast-cuda"]}, table)
-            print(f"recorded the privatize backend for {lab} in {path}")
-
-
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    return common.parse_cli(argv, __doc__, KERNEL, "only 16384x4096 bf16", ALL_PROVIDERS,
-                            f"default {' '.join(GPU_PROVIDERS)} (on cpu: {' '.join(CPU_PROVIDERS)})", table=True)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    cpu = args.device == "cpu"
-    device = common.open_device(args.device, "tiny shape", "one tiny shape, wall-clock timing.")
-    if device is None:
-        return 0
-    shapes = CPU_SHAPES if cpu else QUICK_SHAPES if args.quick else FULL_SHAPES
-    providers = list(dict.fromkeys(args.providers or (CPU_PROVIDERS if cpu else GPU_PROVIDERS)))
-    env = common.env_info(device)
-    common.log(f"device {env['gpu_name']} | torch {env['torch_version']} | lorafast {lorafast.__version__} "
-               f"| providers {' '.join(providers)}")
-    rl = common.roofline(device)
-    common.log(common.format_roofline(rl))
-    rows = common.roofline_rows(KERNEL, rl, env)
-    p50s: dict = {}
-    for shape in common.progress(shapes, desc=KERNEL):
-        rows += run_shape(*shape, providers, device, env, p50s)
-        common.free(device)
-    out = common.write_csv(args.out or common.default_out(KERNEL, device), rows)
-    print_table(p50s, providers)
-    print(common.format_roofline(rl))
-    if device.type == "cuda":
-        record_backends(p50s, env["gpu_name"], args.table)
-    print(f"wrote {len(rows)} rows to {out}")
-    return 0
+SUITE = NoiseSuite
+main = SUITE.main  # the entry point, main(argv=None) -> int, as lorafast/cli.py calls it
 
 
 if __name__ == "__main__":

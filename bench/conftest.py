@@ -2,8 +2,8 @@
 
     pytest bench/ --benchmark-only [--benchmark-json out.json]
 
-bench/test_suites.py times the benchmark scripts' own definitions (their shape lists,
-provider lists, builders and correctness checks) through pytest-benchmark, so that the
+bench/test_suites.py times the benchmark scripts' own suites (each script's ``common.Suite``:
+its sizes, providers, builders and correctness checks) through pytest-benchmark, so that the
 scripts' CSV and pytest-benchmark's JSON come from one set of definitions.
 
 Device and sizes (--bench-device, or LORAFAST_BENCH_DEVICE; default auto): CUDA when a GPU
