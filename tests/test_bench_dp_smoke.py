@@ -73,6 +73,7 @@ def test_copy_weights_refuses_a_different_model():
 
 
 def test_bench_dp_cpu_drops_cuda_provider(tmp_path):
-    proc, rows = run_bench_cpu("bench_dp.py", tmp_path / "dp.csv", "--providers", "lorafast-nonprivate", "lorafast-dp-cuda")
+    proc, rows = run_bench_cpu("bench_dp.py", tmp_path / "dp.csv", "--providers", "lorafast-nonprivate",
+                               "lorafast-dp-cuda")
     assert "THE CUDA BACKEND IS NOT AVAILABLE" in proc.stdout and "`lorafast-dp-cuda` is skipped" in proc.stdout
     assert {r["provider"] for r in rows} == {"lorafast-nonprivate"}

@@ -27,6 +27,7 @@ def test_bench_federated_cpu_smoke(tmp_path):
 
 
 def test_bench_federated_cpu_drops_cuda_provider(tmp_path):
-    proc, rows = run_bench_cpu("bench_federated.py", tmp_path / "f.csv", "--providers", "torch_stacked", "lorafast-cuda")
+    proc, rows = run_bench_cpu("bench_federated.py", tmp_path / "f.csv", "--providers", "torch_stacked",
+                               "lorafast-cuda")
     assert "THE CUDA BACKEND IS NOT AVAILABLE" in proc.stdout and "`lorafast-cuda` is skipped" in proc.stdout
     assert {r["provider"] for r in rows} == {"roofline", "torch_stacked"}
