@@ -26,32 +26,27 @@ def real(name: str, value) -> float:
         raise ValueError(f"{name} must be a real number, got {value!r}") from None
 
 
+def _finite_real(name: str, value, bound: str = "", ok=lambda x: True) -> float:
+    """A finite real number (not a bool) for which ``ok`` holds; ``bound`` names the condition."""
+    x = float("nan") if isinstance(value, bool) else real(name, value)
+    if not (math.isfinite(x) and ok(x)):
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return x
+
+
 def check_finite(name: str, value) -> float:
     """A finite real number, not a bool."""
-    x = float("nan") if isinstance(value, bool) else real(name, value)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return x
+    return _finite_real(name, value)
 
 
 def check_positive(name: str, value) -> float:
     """A finite number > 0."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    x = real(name, value)
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return x
+    return _finite_real(name, value, " > 0", lambda x: x > 0)
 
 
 def check_nonnegative(name: str, value) -> float:
     """A finite number >= 0 (a noise multiplier, a noise std)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    x = real(name, value)
-    if not (math.isfinite(x) and x >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return x
+    return _finite_real(name, value, " >= 0", lambda x: x >= 0)
 
 
 def check_count(name: str, value, minimum: int = 0) -> int:
