@@ -316,6 +316,4 @@ def privatize(h: Tensor, clip_norm: float, noise_std: float, mode: str = "sample
 
 
 # the registered ops by name (their OpOverloads), for torch.library.opcheck and the table above
-OP_NAMES = ("lora_linear_fwd", "lora_linear_bwd", "lora_linear_bwd_ps", "grad_sample_norms", "clip_reduce_noise",
-            "fedex_merge_", "privatize")
-REGISTERED = {name: getattr(torch.ops.lorafast, name).default for name in OP_NAMES}
+REGISTERED = {name: getattr(torch.ops.lorafast, name).default for name in _backend.OPS}
