@@ -33,7 +33,7 @@ stage_a() {
   run python -m pytest -q -p no:cacheprovider -m gpu tests
   step "op tests on the GPU (triton, hybrid and cuda backends)"
   run python -m pytest -q -p no:cacheprovider -k "triton-cuda or hybrid-cuda or cuda-cuda" \
-    tests/test_lora_linear.py tests/test_dp_kernels.py tests/test_split_privatize.py tests/test_reference.py
+    tests/ops/test_lora_linear.py tests/dp/test_dp_kernels.py tests/split/test_split_privatize.py tests/ops/test_reference.py
   step "lorafast check on the GPU"
   run python -m lorafast check
   return $status
