@@ -22,7 +22,8 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from .._checks import check_count, check_sample_rate
-from .noise import os_seed, secure_uniform
+from .._random import os_seed
+from .noise import secure_uniform
 
 __all__ = ["DPDataLoader", "PoissonBatchSampler"]
 

@@ -20,10 +20,7 @@ import os
 import numpy as np
 import torch
 
-
-def os_seed() -> int:
-    """A 63-bit Philox key from the operating system."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
+from .._random import os_seed  # noqa: F401  (the default noise's seed, above; one definition in _random)
 
 
 def secure_uniform(n: int) -> np.ndarray:

@@ -21,8 +21,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _ops, reference
+from .._random import os_seed
 from .grad_sample import GradSampleStore
-from .noise import os_seed, secure_standard_normal
+from .noise import secure_standard_normal
 
 
 def distributed_world() -> tuple[int, int]:

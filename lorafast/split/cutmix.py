@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .._checks import check_count, check_seed
-from ..dp.noise import os_seed
+from .._random import os_seed
 
 __all__ = ["cutmix", "mix_labels"]
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._layout import PRIVATIZE_MODES
-from ..dp.noise import os_seed
+from .._random import os_seed
 
 
 def _number(value, name: str) -> float:
