@@ -14,6 +14,14 @@ Two kernels serve forward and backward (variants are flags, not copies):
 ``project`` and ``gemm`` launch them; lorafast/plans/triton.py composes them into the
 forward and backward (and the "hybrid" plan, whose base products come from torch.mm).
 Work for gradients that are not needed is skipped by flags.
+
+SEGMENTED (many clients' adapters over one base, ``lora_linear_multi``): the kernels walk
+the rows in client order, position p being row ROWS[p] of X / Y (gathered and scattered in
+place: no sorted copy) and belonging to client SEG[p] (sorted). Every rank-r operand (P, Q,
+QH, U) is then a stack with one slice per client, dW and dR gain the client as their
+leading index (as per sample), and SEG_SCALE multiplies each row's scales by its client's
+SCALE. A block meets the few clients whose runs it overlaps and does each one's rank-r work
+on that client's rows only. H and OUT stay in client order.
 """
 from __future__ import annotations
 
@@ -40,42 +48,85 @@ def _load_rr(ptr, stride_a, stride_b, r, R_PAD: tl.constexpr):
 
 
 @triton.jit
+def _times_rr(v, ptr, stride_s, stride_a, stride_b, r, seg, g_lo, g_hi, R_PAD: tl.constexpr,
+              SEGMENTED: tl.constexpr, PREC: tl.constexpr):
+    """v (BM, R_PAD) times an r×r matrix: one shared matrix, or with SEGMENTED each row's
+    client's slice ptr + SEG·stride_s (clients g_lo..g_hi meet this block)."""
+    if SEGMENTED:
+        out = tl.zeros(v.shape, dtype=tl.float32)
+        for g in range(g_lo, g_hi + 1):
+            q = _load_rr(ptr + tl.cast(g, tl.int64) * stride_s, stride_a, stride_b, r, R_PAD)
+            out = tl.dot(tl.where((seg == g)[:, None], v, 0.0), q, out, input_precision=PREC)
+        return out
+    return tl.dot(v, _load_rr(ptr, stride_a, stride_b, r, R_PAD), input_precision=PREC)
+
+
+@triton.jit
+def _block_clients(ROWS, SEG, SCALE, rm, m_ok, first, last, SEG_SCALE: tl.constexpr):
+    """(row of X for each position, its client, the first and last client of the block, each
+    row's client scale) of a SEGMENTED block of positions rm in [first, last]."""
+    rows = tl.load(ROWS + rm, mask=m_ok, other=0).to(tl.int64)
+    seg = tl.load(SEG + rm, mask=m_ok, other=0)
+    if SEG_SCALE:
+        srow = tl.load(SCALE + seg).to(tl.float32)
+    else:
+        srow = tl.full(rm.shape, 1.0, tl.float32)
+    return rows, seg, tl.load(SEG + first), tl.load(SEG + last), srow
+
+
+@triton.jit
+def _group_slot(ROWS, grp, T, PER_SAMPLE: tl.constexpr, SEGMENTED: tl.constexpr):
+    """The dW/dR slot (int64) of row group ``grp``: the client, or the sample, which in client
+    order is the sample of its first row in X (samples keep their T rows together)."""
+    if PER_SAMPLE and SEGMENTED:
+        return tl.load(ROWS + tl.cast(grp, tl.int64) * T) // T
+    return tl.cast(grp, tl.int64)
+
+
+@triton.jit
 def _lora_project_kernel(
     X, stride_xm, stride_xk,
-    P, stride_pk, stride_pr,
+    P, stride_ps, stride_pk, stride_pr,
     OUT, stride_om, stride_or,
-    Q, stride_qa, stride_qb,
+    Q, stride_qs, stride_qa, stride_qb,
     H, stride_hm, stride_hr,
-    QH, stride_qha, stride_qhb,
+    QH, stride_qhs, stride_qha, stride_qhb,
     DW, stride_dws, stride_dwk, stride_dwr,
     DR, stride_drs, stride_dra, stride_drb,
-    DBIAS,
+    DBIAS, ROWS, SEG, SCALE,
     M, K, r, out_scale, l_scale, dr_scale, seed, offset, p, inv_keep, T, K_TILES,
     R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     HAS_P: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_Q: tl.constexpr,
     DROPOUT: tl.constexpr, ACC_DW: tl.constexpr, HAS_QH: tl.constexpr,
     ACC_DR: tl.constexpr, ACC_DBIAS: tl.constexpr, PER_SAMPLE: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREC: tl.constexpr,
+    SEGMENTED: tl.constexpr, SEG_SCALE: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
-    rows = rm.to(tl.int64)     # rows × stride passes 2³¹ on large batches
-    if PER_SAMPLE:
-        # rows are samples of T consecutive rows; this block meets samples s_lo..s_hi
-        s_lo = (pid * BM) // T
-        s_hi = (tl.minimum(pid * BM + BM, M) - 1) // T
-        row_sample = rm // T
-    rr = tl.arange(0, R_PAD)
     m_ok = rm < M
+    last = tl.minimum(pid * BM + BM, M) - 1
+    if SEGMENTED:
+        rows, seg, g_lo, g_hi, srow = _block_clients(ROWS, SEG, SCALE, rm, m_ok, pid * BM, last, SEG_SCALE)
+    else:
+        rows = rm.to(tl.int64)     # rows × stride passes 2³¹ on large batches
+        seg, g_lo, g_hi, srow = rm, 0, 0, 1.0
+    # dW and dR accumulate per group of rows: per sample (T consecutive positions), or per client
+    if PER_SAMPLE:
+        grp, grp_lo, grp_hi = rm // T, (pid * BM) // T, last // T
+    else:
+        grp, grp_lo, grp_hi = seg, g_lo, g_hi
+    rr = tl.arange(0, R_PAD)
     r_ok = rr < r
     mr_ok = m_ok[:, None] & r_ok[None, :]
     if ACC_DW or ACC_DR:
-        hb = tl.load(H + rows[:, None] * stride_hm + rr[None, :] * stride_hr, mask=mr_ok, other=0.0)
+        hb = tl.load(H + rm.to(tl.int64)[:, None] * stride_hm + rr[None, :] * stride_hr, mask=mr_ok, other=0.0)
     if ACC_DW:
         lb = hb
         if HAS_QH:
-            lb = tl.dot(lb, _load_rr(QH, stride_qha, stride_qhb, r, R_PAD), input_precision=PREC)
+            lb = _times_rr(lb, QH, stride_qhs, stride_qha, stride_qhb, r, seg, g_lo, g_hi, R_PAD, SEGMENTED, PREC)
         lb = lb * l_scale
+        if SEG_SCALE:
+            lb = lb * srow[:, None]
     # Split K: program (i, j) takes K tiles [j·K_TILES, (j+1)·K_TILES) of row block i, so that
     # short activations still fill the GPU (OUT is then summed with atomics). Within its range
     # each program starts at a different tile: neighbouring blocks then add into different rows
@@ -90,23 +141,29 @@ def _lora_project_kernel(
         xt = tl.load(X + rows[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = dropout_keep(seed, offset, rm, k0, K, p, BK)
+            keep = dropout_keep(seed, offset, rows, k0, K, p, BK)   # the mask of X's row, in any order
             xt = tl.where(keep, xt * inv_keep, 0.0)
         if HAS_P:
-            pt = tl.load(P + rk[:, None] * stride_pk + rr[None, :] * stride_pr,
-                         mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(xt, pt, acc, input_precision=PREC)
+            p_ptrs = P + rk[:, None] * stride_pk + rr[None, :] * stride_pr
+            p_ok = k_ok[:, None] & r_ok[None, :]
+            if SEGMENTED:
+                for g in range(g_lo, g_hi + 1):
+                    pt = tl.load(p_ptrs + tl.cast(g, tl.int64) * stride_ps, mask=p_ok, other=0.0).to(tl.float32)
+                    acc = tl.dot(tl.where((seg == g)[:, None], xt, 0.0), pt, acc, input_precision=PREC)
+            else:
+                pt = tl.load(p_ptrs, mask=p_ok, other=0.0).to(tl.float32)
+                acc = tl.dot(xt, pt, acc, input_precision=PREC)
         if ACC_DW:
             dw_ptrs = DW + rk[:, None] * stride_dwk + rr[None, :] * stride_dwr
             dw_ok = k_ok[:, None] & r_ok[None, :]
-            if PER_SAMPLE:
-                for smp in range(s_lo, s_hi + 1):
-                    # mask both factors: another sample's inf·0 would be nan here
-                    own = (row_sample == smp)[:, None]
+            if PER_SAMPLE or SEGMENTED:
+                for smp in range(grp_lo, grp_hi + 1):
+                    # mask both factors: another group's inf·0 would be nan here
+                    own = (grp == smp)[:, None]
                     part = tl.dot(tl.trans(tl.where(own, xt, 0.0)), tl.where(own, lb, 0.0),
                                   input_precision=PREC)
-                    tl.atomic_add(dw_ptrs + tl.cast(smp, tl.int64) * stride_dws, part, mask=dw_ok,
-                                  sem="relaxed")
+                    slot = _group_slot(ROWS, smp, T, PER_SAMPLE, SEGMENTED)
+                    tl.atomic_add(dw_ptrs + slot * stride_dws, part, mask=dw_ok, sem="relaxed")
             else:
                 part = tl.dot(tl.trans(xt), lb, input_precision=PREC)
                 tl.atomic_add(dw_ptrs, part, mask=dw_ok, sem="relaxed")
@@ -115,20 +172,26 @@ def _lora_project_kernel(
     if ACC_DR:
         dr_ptrs = DR + rr[:, None] * stride_dra + rr[None, :] * stride_drb
         dr_ok = r_ok[:, None] & r_ok[None, :]
-        if PER_SAMPLE:
-            for smp in range(s_lo, s_hi + 1):
-                own = (row_sample == smp)[:, None]
-                part = tl.dot(tl.trans(tl.where(own, acc, 0.0)), tl.where(own, hb, 0.0),
+        xp = acc
+        if SEG_SCALE:
+            xp = acc * srow[:, None]
+        if PER_SAMPLE or SEGMENTED:
+            for smp in range(grp_lo, grp_hi + 1):
+                own = (grp == smp)[:, None]
+                part = tl.dot(tl.trans(tl.where(own, xp, 0.0)), tl.where(own, hb, 0.0),
                               input_precision=PREC) * dr_scale
-                tl.atomic_add(dr_ptrs + tl.cast(smp, tl.int64) * stride_drs, part, mask=dr_ok, sem="relaxed")
+                slot = _group_slot(ROWS, smp, T, PER_SAMPLE, SEGMENTED)
+                tl.atomic_add(dr_ptrs + slot * stride_drs, part, mask=dr_ok, sem="relaxed")
         else:
-            part = tl.dot(tl.trans(acc), hb, input_precision=PREC) * dr_scale
+            part = tl.dot(tl.trans(xp), hb, input_precision=PREC) * dr_scale
             tl.atomic_add(dr_ptrs, part, mask=dr_ok, sem="relaxed")
     if WRITE_OUT:
         out = acc
         if HAS_Q:
-            out = tl.dot(out, _load_rr(Q, stride_qa, stride_qb, r, R_PAD), input_precision=PREC)
-        out_ptrs = OUT + rows[:, None] * stride_om + rr[None, :] * stride_or
+            out = _times_rr(out, Q, stride_qs, stride_qa, stride_qb, r, seg, g_lo, g_hi, R_PAD, SEGMENTED, PREC)
+        if SEG_SCALE:
+            out = out * srow[:, None]
+        out_ptrs = OUT + rm.to(tl.int64)[:, None] * stride_om + rr[None, :] * stride_or
         if SPLIT_K:
             tl.atomic_add(out_ptrs, out * out_scale, mask=mr_ok, sem="relaxed")
         else:
@@ -140,11 +203,12 @@ def _lora_gemm_kernel(
     X, stride_xm, stride_xk,
     W, stride_wk, stride_wn,
     H, stride_hm, stride_hr,
-    U, stride_ur, stride_un,
-    BIAS, Y, stride_ym, stride_yn,
+    U, stride_us, stride_ur, stride_un,
+    BIAS, Y, stride_ym, stride_yn, ROWS, SEG, SCALE,
     M, N, K, r, scale, seed, offset, p, inv_keep, M_BUCKET,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    BASE_IN_Y: tl.constexpr, INTERP_BF16: tl.constexpr, PREC: tl.constexpr, LOW_PREC: tl.constexpr,
+    BASE_IN_Y: tl.constexpr, SEGMENTED: tl.constexpr, SEG_SCALE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PREC: tl.constexpr, LOW_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -159,13 +223,18 @@ def _lora_gemm_kernel(
     # once, outside the main loop).
     rm_l = (rm % M).to(tl.int64)
     rn_l = rn % N
+    if SEGMENTED:   # position rm_l is row xrow of X and Y, of client seg
+        xrow, seg, g_lo, g_hi, srow = _block_clients(ROWS, SEG, SCALE, rm_l, rm_l >= 0, pid_m * BM,
+                                                     tl.minimum(pid_m * BM + BM, M) - 1, SEG_SCALE)
+    else:
+        xrow = rm_l
     if BASE_IN_Y:
         # the rank-r update of a base product that cuBLAS already wrote into Y
-        acc = tl.load(Y + rm_l[:, None] * stride_ym + rn_l.to(tl.int64)[None, :] * stride_yn).to(tl.float32)
+        acc = tl.load(Y + xrow[:, None] * stride_ym + rn_l.to(tl.int64)[None, :] * stride_yn).to(tl.float32)
     else:
         rk = tl.arange(0, BK)
         rk_l = rk.to(tl.int64)
-        x_ptrs = X + rm_l[:, None] * stride_xm + rk_l[None, :] * stride_xk
+        x_ptrs = X + xrow[:, None] * stride_xm + rk_l[None, :] * stride_xk
         w_ptrs = W + rk_l[:, None] * stride_wk + rn_l.to(tl.int64)[None, :] * stride_wn
         x_step = stride_xk * tl.full((), BK, tl.int64)
         w_step = stride_wk * tl.full((), BK, tl.int64)
@@ -190,20 +259,33 @@ def _lora_gemm_kernel(
     for r0 in range(0, r, R_CHUNK):
         c_ok = r0 + rc < r
         ht = tl.load(H + rm_l[:, None] * stride_hm + (r0 + rc)[None, :] * stride_hr, mask=c_ok[None, :], other=0.0)
-        ut = tl.load(U + (r0 + rc)[:, None] * stride_ur + rn_l[None, :] * stride_un, mask=c_ok[:, None], other=0.0)
-        if DROPOUT:
-            low = tl.dot(ht, ut.to(tl.float32), low, input_precision=LOW_PREC)
+        u_ptrs = U + (r0 + rc)[:, None] * stride_ur + rn_l[None, :] * stride_un
+        if SEG_SCALE:
+            ht = ht * srow[:, None]
+        if not DROPOUT:
+            ht = ht * scale   # into the accumulator: no second (BM, BN) fp32 tile in registers
+        if SEGMENTED:   # each client's U on its own rows
+            for g in range(g_lo, g_hi + 1):
+                ut = tl.load(u_ptrs + tl.cast(g, tl.int64) * stride_us, mask=c_ok[:, None], other=0.0)
+                hg = tl.where((seg == g)[:, None], ht, 0.0)
+                if DROPOUT:
+                    low = tl.dot(hg, ut.to(tl.float32), low, input_precision=LOW_PREC)
+                else:
+                    acc = tl.dot(hg, ut.to(tl.float32), acc, input_precision=LOW_PREC)
         else:
-            # into the accumulator: no second (BM, BN) fp32 tile in registers
-            acc = tl.dot(ht * scale, ut.to(tl.float32), acc, input_precision=LOW_PREC)
+            ut = tl.load(u_ptrs, mask=c_ok[:, None], other=0.0)
+            if DROPOUT:
+                low = tl.dot(ht, ut.to(tl.float32), low, input_precision=LOW_PREC)
+            else:
+                acc = tl.dot(ht, ut.to(tl.float32), acc, input_precision=LOW_PREC)
     if DROPOUT:
-        keep = dropout_keep(seed, offset, rm, pid_n * BN, N, p, BN)
+        keep = dropout_keep(seed, offset, xrow, pid_n * BN, N, p, BN)   # the mask of Y's row
         acc += tl.where(keep, low * (scale * inv_keep), 0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn_l).to(tl.float32)[None, :]
     if INTERP_BF16:
         acc = rtne_bf16_bits(acc)
-    y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+    y_ptrs = Y + xrow[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
@@ -253,7 +335,7 @@ def _autotune(configs, key, **kw):
     return cached_autotune(configs=configs, key=key, **kw)
 
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT", "PREC", "LOW_PREC"]
+_GEMM_KEY = ["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT", "SEGMENTED", "PREC", "LOW_PREC"]
 _PRUNE = {"early_config_prune": _prune_gemm}
 _lora_gemm_tuned = _autotune(_gemm_configs(), _GEMM_KEY, prune_configs_by=_PRUNE)(_lora_gemm_kernel)
 _lora_update_tuned = _autotune(_update_configs(), _GEMM_KEY, prune_configs_by=_PRUNE)(_lora_gemm_kernel)
@@ -291,10 +373,21 @@ def _strides2(t: Optional[torch.Tensor]):
 
 
 def _strides3(t: Optional[torch.Tensor]):
-    """(sample, row, col) strides of a per-sample (N, a, b) buffer, or of a shared (a, b) one."""
+    """(slice, row, col) strides of a stacked (N, a, b) tensor (per sample or per client), or
+    of a shared (a, b) one."""
     if t is None:
         return (0, 0, 0)
     return tuple(t.stride()) if t.dim() == 3 else (0, t.stride(0), t.stride(1))
+
+
+def _segment_args(segments, dummy):
+    """(ROWS, SEG, SCALE, SEGMENTED, SEG_SCALE) of ``segments`` = (rows, seg, scale) or None:
+    rows (M,) int64 the row of X at each position in client order, seg (M,) int32 the
+    (sorted) client of each position, scale (clients,) fp32 or None."""
+    if segments is None:
+        return dummy, dummy, dummy, False, False
+    rows, seg, scale = segments
+    return rows, seg, (scale if scale is not None else dummy), True, scale is not None
 
 
 def _project_grid(M: int, K: int, *, per_sample: int, r_pad: int, can_split: bool, device):
@@ -318,12 +411,14 @@ def _project_grid(M: int, K: int, *, per_sample: int, r_pad: int, can_split: boo
 
 def project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_scale=1.0,
              dW=None, dR=None, dr_scale=None, dbias=None, r, dropout_p=0.0, seed=0, offset=0,
-             rows_per_sample=0):
+             rows_per_sample=0, segments=None):
     """Launch one row pass over X (M, K); see the module docstring. Every matrix is a view
     given by its strides: P (K, r), out (M, r), Q/QH/dR (r, r), H (M, r), dW (K, r).
     With ``rows_per_sample`` = T > 0, dW (N, K, r) and dR (N, r, r) are per-sample: rows
-    [iT, (i+1)T) of X accumulate into sample i's slice. ``out`` is written whole (zeroed
-    here first when K is split)."""
+    [iT, (i+1)T) of X accumulate into sample i's slice. With ``segments`` (rows, seg, scale)
+    (``_segment_args``) P, Q and QH are (clients, ·, ·) stacks, dW and dR too unless per
+    sample, and out_scale, l_scale and dr_scale are each times the row's client scale.
+    ``out`` is written whole (zeroed here first when K is split)."""
     M, K = X.shape
     r_pad = _r_pad(r)
     prec = _dot_precision(X.dtype)
@@ -338,30 +433,33 @@ def project(X, *, P=None, out=None, out_scale=1.0, Q=None, H=None, QH=None, l_sc
         out.zero_()
     warps, stages = (1, 1) if interpreted() else (4, 3)
     dummy = X
+    ROWS, SEG, SCALE, segmented, seg_scale = _segment_args(segments, dummy)
     _lora_project_kernel[(triton.cdiv(M, bm), splits)](
         X, X.stride(0), X.stride(1),
-        P if P is not None else dummy, *_strides2(P),
+        P if P is not None else dummy, *_strides3(P),
         out if out is not None else dummy, *_strides2(out),
-        Q if Q is not None else dummy, *_strides2(Q),
+        Q if Q is not None else dummy, *_strides3(Q),
         H if H is not None else dummy, *_strides2(H),
-        QH if QH is not None else dummy, *_strides2(QH),
+        QH if QH is not None else dummy, *_strides3(QH),
         dW if dW is not None else dummy, *_strides3(dW),
         dR if dR is not None else dummy, *_strides3(dR),
-        dbias if dbias is not None else dummy,
+        dbias if dbias is not None else dummy, ROWS, SEG, SCALE,
         M, K, r, float(out_scale), float(l_scale), float(out_scale if dr_scale is None else dr_scale),
         int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p), max(int(rows_per_sample), 1), k_per,
         R_PAD=r_pad, BM=bm, BK=bk,
         HAS_P=P is not None, WRITE_OUT=out is not None, HAS_Q=Q is not None,
         DROPOUT=dropout_p > 0.0, ACC_DW=dW is not None, HAS_QH=QH is not None,
         ACC_DR=dR is not None, ACC_DBIAS=dbias is not None, PER_SAMPLE=per_sample, SPLIT_K=splits > 1,
-        PREC=prec, num_warps=warps, num_stages=stages,
+        SEGMENTED=segmented, SEG_SCALE=seg_scale, PREC=prec, num_warps=warps, num_stages=stages,
     )
 
 
-def gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offset=0, blas=False):
+def gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offset=0, blas=False, segments=None):
     """Y (M, N) = X (M, K) · W (K, N) + s · H U (⊙ m/(1-p)) + b; W and U (r, N) are strided views.
     With ``blas`` the base product X·W is torch.mm's (cuBLAS on a GPU, honouring
-    ``allow_tf32``), written into Y, and one pass over Y adds the rank-r term and the bias."""
+    ``allow_tf32``), written into Y, and one pass over Y adds the rank-r term and the bias.
+    With ``segments`` (``_segment_args``) U is a (clients, r, N) stack, H is in client order
+    and each row's term takes its client's U (and scale)."""
     M, K = X.shape
     N = W.shape[1]
     r_pad = _r_pad(r)
@@ -371,17 +469,19 @@ def gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offse
         torch.mm(X, W, out=Y)
     # the interpreter's bf16 dot is wrong and its bf16 cast truncates: compute in fp32 there
     interp_bf16 = interp and X.dtype == torch.bfloat16
+    ROWS, SEG, SCALE, segmented, seg_scale = _segment_args(segments, Y)
     args = (
         X, X.stride(0), X.stride(1),
         W, W.stride(0), W.stride(1),
         H, H.stride(0), H.stride(1),
-        U, U.stride(0), U.stride(1),
-        bias if bias is not None else Y, Y, Y.stride(0), Y.stride(1),
+        U, *_strides3(U),
+        bias if bias is not None else Y, Y, Y.stride(0), Y.stride(1), ROWS, SEG, SCALE,
         M, N, 0 if blas else K, r, float(scale), int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p),
         m_bucket(M),
     )
     flags = dict(R_PAD=r_pad, R_CHUNK=min(r_pad, 32), HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
-                 BASE_IN_Y=blas, INTERP_BF16=interp_bf16, PREC="ieee" if interp_bf16 else prec, LOW_PREC=prec)
+                 BASE_IN_Y=blas, SEGMENTED=segmented, SEG_SCALE=seg_scale, INTERP_BF16=interp_bf16,
+                 PREC="ieee" if interp_bf16 else prec, LOW_PREC=prec)
     if interp:
         grid = (triton.cdiv(M, 16) * triton.cdiv(N, 32),)
         _lora_gemm_kernel[grid](*args, **flags, BM=16, BN=32, BK=32, GROUP_M=4)

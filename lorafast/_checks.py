@@ -156,6 +156,55 @@ def check_lora_linear(x, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+def check_client_ids(client_ids, batch: int, clients: int, device) -> Tensor:
+    """(batch,) integer client ids in [0, clients), on ``device`` (checking the range syncs)."""
+    if not isinstance(client_ids, Tensor):
+        raise ValueError(f"client_ids must be a (batch,) integer tensor, got {type(client_ids).__name__}")
+    if client_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"client_ids must be int64 (or int32), got {client_ids.dtype}")
+    if tuple(client_ids.shape) != (batch,):
+        raise ValueError(f"client_ids must be (batch,)=({batch},), one client per sample, got "
+                         f"{tuple(client_ids.shape)}")
+    if client_ids.device != device:
+        raise ValueError(f"client_ids is on {client_ids.device} but x is on {device}")
+    out = (client_ids < 0) | (client_ids >= clients)
+    if torch.compiler.is_compiling():   # no host sync inside a graph: an assert on the device instead
+        torch._assert_async(~out.any(), f"client_ids must be in [0, {clients})")
+    elif batch and bool(out.any()):
+        raise ValueError(f"client_ids must be in [0, {clients}) (the adapters' clients), "
+                         f"got {client_ids[out][0].item()}")
+    return client_ids
+
+
+def check_lora_linear_multi(x, weight, lora_A, lora_B, bias, lora_R, client_ids, scaling, dropout_p) -> None:
+    """The arguments of ``lorafast.lora_linear_multi``: x (batch, ..., in); lora_A (k, r, in),
+    lora_B (k, out, r), lora_R (k, r, r) stacks of one client's ``lora_linear`` arguments each;
+    client_ids (batch,) in [0, k); scaling a number or (k,)."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError("x must be a tensor of shape (batch, ..., in_features)")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("lora_R", lora_R)):
+        if t is not None:
+            _floating_matrix(name, t, ndim=3)
+    k = lora_A.shape[0]
+    for name, t in (("lora_B", lora_B), ("lora_R", lora_R)):
+        if t is not None and t.shape[0] != k:
+            raise ValueError(f"{name} must stack the same {k} clients as lora_A, got shape {tuple(t.shape)}")
+    if k < 1:
+        raise ValueError(f"lora_A must stack at least one client, got shape {tuple(lora_A.shape)}")
+    if isinstance(scaling, Tensor):
+        if tuple(scaling.shape) != (k,) or not scaling.is_floating_point():
+            raise ValueError(f"scaling must be a number or a ({k},) float tensor, one per client, got "
+                             f"{scaling.dtype} {tuple(scaling.shape)}")
+        if not bool(torch.isfinite(scaling).all()):
+            raise ValueError("scaling must be finite")
+        one = 1.0
+    else:
+        one = scaling
+    check_lora_linear(x, weight, lora_A[0], lora_B[0], bias, lora_R[0] if lora_R is not None else None, one,
+                      dropout_p)
+    check_client_ids(client_ids, x.shape[0], k, x.device)
+
+
 def _floating_matrix(name: str, t, ndim: int = 2) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -26,7 +26,7 @@ import torch
 
 # the ops (their registered names, as _backend.select takes them) with lorafast_cuda kernels: all of them
 OPS = frozenset({"lora_linear_fwd", "lora_linear_bwd", "lora_linear_bwd_ps", "privatize", "grad_sample_norms",
-                 "clip_reduce_noise", "fedex_merge_"})   # today every one of _backend.OPS
+                 "clip_reduce_noise", "fedex_merge_"})   # _backend.OPS but lora_linear_multi's
 _PACKAGE = Path(__file__).resolve().parent
 _CSRC = _PACKAGE.parent / "csrc"        # a source checkout or editable install
 _loaded: Optional[str] = None

@@ -13,6 +13,8 @@ Each op has two faces here:
     lora_linear_fwd       lora_linear (public), lora_linear_fwd    lora_linear_forward
     lora_linear_bwd       lora_linear_bwd (autograd)       lora_linear_backward
     lora_linear_bwd_ps    lora_linear_bwd_ps (DP-SGD)      lora_linear_per_sample_backward
+    lora_linear_multi_fwd lora_linear_multi (public), lora_linear_multi_fwd   lora_linear_forward(segments=)
+    lora_linear_multi_bwd lora_linear_multi_bwd (autograd) lora_linear_backward(segments=)
     grad_sample_norms     grad_sample_norms                grad_sample_norms
     clip_reduce_noise     clip_reduce_noise                clip_reduce_noise
     fedex_merge_          fedex_merge_                     fedex_merge_
@@ -32,6 +34,15 @@ from . import _backend, _checks, _layout, _random, reference
 def _rows(x: Tensor) -> Tensor:
     """x (..., in) as a 2-D (M, in) view when its strides allow, else a copy in x's dtype."""
     return x.reshape(-1, x.shape[-1])
+
+
+def _dropout_seed(seed: Optional[int], dropout_p: float) -> int:
+    """The dropout mask's Philox key: the one given, else the next of ``lorafast.manual_seed``'s
+    stream; 0 without dropout."""
+    if dropout_p <= 0.0:
+        return 0
+    seed = _checks.check_seed("seed", seed)
+    return _random.next_seed() if seed is None else seed
 
 
 def _noise_seed(seed: Optional[int]) -> int:
@@ -68,21 +79,23 @@ def _lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, 
     grads = _backend.plan(backend, x.device).lora_linear_backward(
         _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
         tuple(bool(n) for n in needs))
-    like = (x, lora_A, lora_B, lora_R, bias)
-    out = []
-    for g, ref in zip(grads, like):
-        if g is None:
-            out.append(x.new_empty((0,)))
-        else:
-            out.append(g.reshape(ref.shape).to(ref.dtype).contiguous())
-    return tuple(out)
+    return _lora_grads(grads, x, lora_A, lora_B, lora_R, bias)
+
+
+def _lora_grads(grads, x, lora_A, lora_B, lora_R, bias) -> tuple[Tensor, ...]:
+    """(dx, dA, dB, dR, dbias) each in its input's shape and dtype; an empty tensor where not needed."""
+    return tuple(x.new_empty((0,)) if g is None else g.reshape(ref.shape).to(ref.dtype).contiguous()
+                 for g, ref in zip(grads, (x, lora_A, lora_B, lora_R, bias)))
+
+
+def _lora_grads_fake(needs, x, lora_A, lora_B, lora_R, bias) -> tuple[Tensor, ...]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if n else x.new_empty((0,))
+                 for n, t in zip(needs, (x, lora_A, lora_B, lora_R, bias)))
 
 
 @_lora_linear_bwd.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, scaling, dropout_p, seed, offset, needs, backend):
-    like = (x, lora_A, lora_B, lora_R, bias)
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if n else x.new_empty((0,))
-                 for n, t in zip(needs, like))
+    return _lora_grads_fake(needs, x, lora_A, lora_B, lora_R, bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,17 +105,28 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scaling, dropout_p, seed, offset, backend)
 
 
+def _grad_needs(ctx, lora_R, bias) -> list[bool]:
+    """Which of (dx, dA, dB, dR, dbias) autograd wants, for ops whose inputs start
+    (x, weight, lora_A, lora_B, bias, lora_R, ...)."""
+    n = ctx.needs_input_grad
+    return [n[0], n[2], n[3], lora_R is not None and n[5], bias is not None and n[4]]
+
+
+def _input_grads(grads, needs, n_inputs: int) -> tuple:
+    """(dx, dA, dB, dR, dbias) in the inputs' order (x, weight, lora_A, lora_B, bias, lora_R, ...)."""
+    dx, dA, dB, dR, db = (g if k else None for g, k in zip(grads, needs))
+    return (dx, None, dA, dB, db, dR) + (None,) * (n_inputs - 6)
+
+
 def _backward(ctx, grad_y, _grad_h):
     x, weight, lora_A, lora_B, lora_R, bias, h = ctx.saved_tensors
     scaling, dropout_p, seed, offset, backend = ctx.args
-    n = ctx.needs_input_grad
-    needs = [n[0], n[2], n[3], lora_R is not None and n[5], bias is not None and n[4]]
+    needs = _grad_needs(ctx, lora_R, bias)
     if not any(needs):
         return (None,) * 11
-    dx, dA, dB, dR, db = _lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, scaling,
-                                          dropout_p, seed, offset, needs, backend)
-    pick = [g if k else None for g, k in zip((dx, dA, dB, dR, db), needs)]
-    return pick[0], None, pick[1], pick[2], pick[4], pick[3], None, None, None, None, None
+    grads = _lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, scaling, dropout_p, seed, offset,
+                             needs, backend)
+    return _input_grads(grads, needs, 11)
 
 
 _lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -158,11 +182,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
         x, lora_A, lora_B, lora_R and bias require grad; the others cost nothing.
     """
     _checks.check_lora_linear(x, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p)
-    if dropout_p > 0.0:
-        seed = _checks.check_seed("seed", seed)
-        seed = _random.next_seed() if seed is None else seed
-    else:
-        seed = 0
+    seed = _dropout_seed(seed, dropout_p)
     y, _ = lora_linear_fwd(x, weight, lora_A, lora_B, bias, lora_R, float(scaling), float(dropout_p), seed, 0,
                            backend)
     return y
@@ -204,6 +224,138 @@ def lora_linear_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor
                              int(seed), int(offset), int(batch), bool(need_x), ps_A, ps_B, ps_R, float(ps_scale),
                              name)
     return dx if need_x else None
+
+
+# ------------------------------------------------------------------ many clients over one base
+
+
+@torch.library.custom_op("lorafast::lora_linear_multi_fwd", mutates_args=())
+def _lora_linear_multi_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+                           lora_R: Optional[Tensor], rows: Tensor, seg: Tensor, scaling: Tensor, dropout_p: float,
+                           seed: int, offset: int, backend: str) -> tuple[Tensor, Tensor]:
+    y, h = _backend.plan(backend, x.device).lora_linear_forward(
+        _rows(x), weight, lora_A, lora_B, bias, lora_R, 1.0, dropout_p, seed, offset, segments=(rows, seg, scaling))
+    return y.reshape(*x.shape[:-1], weight.shape[0]), h
+
+
+@_lora_linear_multi_fwd.register_fake
+def _(x, weight, lora_A, lora_B, bias, lora_R, rows, seg, scaling, dropout_p, seed, offset, backend):
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[1]), dtype=torch.float32))
+
+
+@torch.library.custom_op("lorafast::lora_linear_multi_bwd", mutates_args=())
+def _lora_linear_multi_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                           lora_R: Optional[Tensor], bias: Optional[Tensor], h: Tensor, rows: Tensor, seg: Tensor,
+                           scaling: Tensor, dropout_p: float, seed: int, offset: int, needs: list[bool],
+                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backend.plan(backend, x.device).lora_linear_backward(
+        _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, 1.0, dropout_p, seed, offset,
+        tuple(bool(n) for n in needs), segments=(rows, seg, scaling))
+    return _lora_grads(grads, x, lora_A, lora_B, lora_R, bias)
+
+
+@_lora_linear_multi_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, rows, seg, scaling, dropout_p, seed, offset, needs,
+      backend):
+    return _lora_grads_fake(needs, x, lora_A, lora_B, lora_R, bias)
+
+
+def _multi_setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, lora_R, rows, seg, scaling, dropout_p, seed, offset, backend = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, lora_R, bias, output[1], rows, seg, scaling)
+    ctx.args = (dropout_p, seed, offset, backend)
+
+
+def _multi_backward(ctx, grad_y, _grad_h):
+    x, weight, lora_A, lora_B, lora_R, bias, h, rows, seg, scaling = ctx.saved_tensors
+    needs = _grad_needs(ctx, lora_R, bias)
+    if not any(needs):
+        return (None,) * 13
+    grads = _lora_linear_multi_bwd(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, rows, seg, scaling,
+                                   *ctx.args[:3], needs, ctx.args[3])
+    return _input_grads(grads, needs, 13)
+
+
+_lora_linear_multi_fwd.register_autograd(_multi_backward, setup_context=_multi_setup_context)
+
+
+def client_segments(client_ids: Tensor, rows_per_sample: int) -> tuple[Tensor, Tensor]:
+    """(rows, seg): the batch's rows in client order, rows (M,) int64 the row of x at each
+    position and seg (M,) int32 its client, sorted. Samples keep their T = rows_per_sample
+    rows together and their order within a client (a stable sort of the ids, on the device:
+    no copy of x and no host sync)."""
+    order = torch.argsort(client_ids, stable=True)
+    T = int(rows_per_sample)
+    rows = (order[:, None] * T + torch.arange(T, device=order.device)).reshape(-1)
+    seg = client_ids[order].to(torch.int32).repeat_interleave(T)
+    return rows, seg
+
+
+def client_scaling(scaling, clients: int, device) -> Tensor:
+    """(clients,) fp32 scales from a number or a (clients,) tensor."""
+    if isinstance(scaling, Tensor):
+        return scaling.detach().to(device=device, dtype=torch.float32).contiguous()
+    return torch.full((clients,), float(scaling), device=device, dtype=torch.float32)
+
+
+def lora_linear_multi(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor] = None, *,
+                      client_ids: Tensor, scaling=1.0, lora_R: Optional[Tensor] = None, dropout_p: float = 0.0,
+                      backend: Optional[str] = None, seed: Optional[int] = None) -> Tensor:
+    """k clients' LoRA adapters over one frozen base, in one fused op: sample i of x (its
+    rows x[i, ...]) gets ``lora_linear`` with client ``client_ids[i]``'s adapter,
+
+        y[i] = x[i] Wᵀ + b + s_c · drop(x[i]) A_cᵀ (R_cᵀ) B_cᵀ,   c = client_ids[i].
+
+    The base GEMM runs once over every row; each client's rank-r work runs on its own rows,
+    which the op visits in client order through an index (samples may come in any order;
+    nothing is copied). The backward gives each client's dA, dB, dR from its rows alone,
+    and dx and dbias of the whole batch; a client without rows gets zero gradients.
+
+    Args:
+        x: (batch, ..., in) activations, fp32, fp16 or bf16 (fp64 on the torch backend).
+        weight: (out, in) frozen base weight, x's dtype.
+        lora_A: (k, r, in), lora_B: (k, out, r), lora_R: optional (k, r, r): the k clients'
+            adapters stacked, fp32 or x's dtype (clients of lower rank zero-padded).
+        bias: optional (out,) bias.
+        client_ids: (batch,) integer client of each sample, in [0, k).
+        scaling: a number, or a (k,) tensor of per-client scales.
+        dropout_p, seed, backend: as ``lora_linear`` (the mask is the whole batch's); "cuda"
+            has no such kernels.
+
+    Returns:
+        (batch, ..., out) in x's dtype.
+    """
+    _checks.check_lora_linear_multi(x, weight, lora_A, lora_B, bias, lora_R, client_ids, scaling, dropout_p)
+    seed = _dropout_seed(seed, dropout_p)
+    rows, seg = client_segments(client_ids, x.numel() // max(x.shape[0] * x.shape[-1], 1))
+    y, _ = lora_linear_multi_fwd(x, weight, lora_A, lora_B, bias, lora_R, rows, seg,
+                                 client_scaling(scaling, lora_A.shape[0], x.device), dropout_p, seed, 0, backend)
+    return y
+
+
+def lora_linear_multi_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+                          lora_R: Optional[Tensor], rows: Tensor, seg: Tensor, scaling: Tensor, dropout_p: float = 0.0,
+                          seed: int = 0, offset: int = 0, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(y, h) of ``lora_linear_multi``, differentiable, over the client order (rows, seg) of
+    ``client_segments`` and (k,) fp32 ``scaling``; h (M, r) fp32 is in client order.
+    Arguments are not validated here."""
+    name = _backend.select("lora_linear_multi_fwd", x.device, x.dtype, backend,
+                           shape=lora_shape(x, weight, lora_A[0]))
+    return _lora_linear_multi_fwd(x, weight, lora_A, lora_B, bias, lora_R, rows, seg, scaling, float(dropout_p),
+                                  int(seed), int(offset), name)
+
+
+def lora_linear_multi_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                          lora_R: Optional[Tensor], bias: Optional[Tensor], h: Tensor, rows: Tensor, seg: Tensor,
+                          scaling: Tensor, dropout_p: float, seed: int, offset: int, needs: list[bool],
+                          backend: Optional[str] = None):
+    """(dx, dA, dB, dR, dbias) of ``lora_linear_multi_fwd`` (empty where ``needs`` says no);
+    dA, dB, dR are (k, ·, ·). Autograd calls this op itself."""
+    name = _backend.select("lora_linear_multi_bwd", x.device, x.dtype, backend,
+                           shape=lora_shape(x, weight, lora_A[0]))
+    return _lora_linear_multi_bwd(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, rows, seg, scaling,
+                                  float(dropout_p), int(seed), int(offset), [bool(n) for n in needs], name)
 
 
 # ------------------------------------------------------------------ DP-SGD

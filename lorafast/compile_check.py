@@ -3,8 +3,8 @@
 The interpreter proves the kernels' arithmetic but never runs Triton's compiler. This check does:
 
 1. **Enumerate.** The launchers of lorafast.kernels are driven over every case a public call can
-   reach: each op and pass; fp32, fp16 and bf16 activations; fp32 adapters (PEFT's default) or
-   adapters in the activations' dtype; every combination of the variant flags (lora_R, bias,
+   reach: each op and pass (lora_linear_multi's included); fp32, fp16 and bf16 activations;
+   fp32 adapters (PEFT's default) or adapters in the activations' dtype; every combination of the variant flags (lora_R, bias,
    dropout, which gradients are needed, per-sample gradients, TF32 on or off, DP and privatize
    modes); the launchers' own block-size choices (by batch size and rows per sample); and every
    autotune config of the GEMM. The tensors are meta tensors of training shapes (4096 features),
@@ -247,6 +247,33 @@ def _drive_lora(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
                                     ps_R=bufs["R"] if "R" in subset else None, ps_scale=0.25)
 
 
+def _drive_lora_multi(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
+    """lora_linear_multi: the same passes over 16 clients' stacked adapters in client order."""
+    import torch
+    from .plans import hybrid as H
+    from .plans import triton as K
+    n, r, k = FEATURES, RANK, 16
+    M = _batch_sizes(sms)[1]
+    tag = f"{str(dtype).removeprefix('torch.')}, adapters {str(adapter_dtype).removeprefix('torch.')}"
+    A, B, W = _meta(k, r, n, dtype=adapter_dtype), _meta(k, n, r, dtype=adapter_dtype), _meta(n, n, dtype=dtype)
+    x, gy, h = _meta(M, n, dtype=dtype), _meta(M, n, dtype=dtype), _meta(M, r, dtype=torch.float32)
+    segments = (_meta(M, dtype=torch.int64), _meta(M, dtype=torch.int32), _meta(k, dtype=torch.float32))
+    for has_R, has_bias, p in itertools.product((False, True), (False, True), (0.0, 0.1)):
+        R = _meta(k, r, r, dtype=adapter_dtype) if has_R else None
+        bias = _meta(n, dtype=dtype) if has_bias else None
+        what = f"({tag}, k={k}, r={r}, R={has_R:d}, bias={has_bias:d}, dropout={p > 0:d})"
+        for name, plan in (("", K), (", hybrid", H)):
+            rec.case(f"lora_linear_multi forward{name} {what}")
+            plan.lora_linear_forward(x, W, A, B, bias, R, 1.0, p, SEED, OFFSET, segments=segments)
+        for needs in itertools.product((False, True), repeat=5):
+            if not any(needs) or (needs[3] and not has_R) or (needs[4] and not has_bias):
+                continue
+            grads = "".join(str(int(q)) for q in needs)
+            for name, plan in (("", K), (", hybrid", H)) if needs[0] else (("", K),):
+                rec.case(f"lora_linear_multi backward{name} {what}, grads x,A,B,R,bias={grads}")
+                plan.lora_linear_backward(gy, x, W, A, B, R, h, 1.0, p, SEED, OFFSET, needs, segments=segments)
+
+
 def _drive_dp(rec: _Recorder) -> None:
     import torch
     from .plans import triton as D
@@ -303,6 +330,7 @@ def enumerate_launches(sms: int = SMS["sm_90a"], smem: Optional[int] = None) -> 
                 torch.backends.cuda.matmul.allow_tf32 = tf32
                 for adapter_dtype in dict.fromkeys((torch.float32, dtype)):
                     _drive_lora(rec, dtype, adapter_dtype, sms)
+                    _drive_lora_multi(rec, dtype, adapter_dtype, sms)
                 _drive_fedex(rec, dtype)
             _drive_privatize(rec, dtype)
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -90,20 +90,12 @@ class LoRALinear(nn.Module):
             self.seed = _seed_from_torch()
         if self.lora_A.is_meta:
             return  # from_linear builds on the meta device, then calls this again on the real one
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        A, B, R = draw_adapters(self.in_features, self.out_features, self.r, self.lora_R is not None, self.seed)
         with torch.no_grad():
-            a = torch.empty(self.lora_A.shape)
-            bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5) on fan_in = in
-            a.uniform_(-bound, bound, generator=gen)
-            self.lora_A.copy_(a)
-            if self.lora_R is None:
-                self.lora_B.zero_()
-            else:
-                q, _ = torch.linalg.qr(torch.randn(self.out_features, self.r, generator=gen))
-                B = torch.zeros(self.lora_B.shape)
-                B[:, : q.shape[1]] = q        # r > out: only out orthonormal columns exist
-                self.lora_B.copy_(B)
-                self.lora_R.zero_()
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+            if self.lora_R is not None:
+                self.lora_R.copy_(R)
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -172,6 +164,21 @@ class LoRALinear(nn.Module):
                 f"lora_alpha={self.lora_alpha}, variant={self.variant!r}, scaling={self.scaling:g}, "
                 f"lora_dropout={self.lora_dropout}, bias={self.bias is not None}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + (", merged=True" if self.merged else ""))
+
+
+def draw_adapters(in_features: int, out_features: int, r: int, with_R: bool, seed: int):
+    """(A (r, in), B (out, r), R (r, r) or None), fp32 on the CPU, from a generator seeded with
+    ``seed``: A Kaiming-uniform (a=√5, fan_in = in); B zeros, or with R (LoRA-XS/SB) B with
+    orthonormal columns and R zeros. A's first r' rows are the A of rank r' < r."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    bound = 1 / math.sqrt(in_features)
+    A = torch.empty(r, in_features).uniform_(-bound, bound, generator=gen)
+    B = torch.zeros(out_features, r)
+    if not with_R:
+        return A, B, None
+    q, _ = torch.linalg.qr(torch.randn(out_features, r, generator=gen))
+    B[:, : q.shape[1]] = q        # r > out: only out orthonormal columns exist
+    return A, B, torch.zeros(r, r)
 
 
 def _seed_from_torch() -> int:

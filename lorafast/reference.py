@@ -190,6 +190,86 @@ def lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tens
     return dx, dA, dB, dR, dbias
 
 
+# ------------------------------------------------------------------ many clients over one base
+
+
+def _client_rows(row_clients: Tensor, clients: int):
+    """(client, its rows) for each client with rows, in client order."""
+    for c in range(clients):
+        idx = (row_clients == c).nonzero().flatten()
+        if idx.numel():
+            yield c, idx
+
+
+def lora_linear_multi_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                              bias: Optional[Tensor] = None, lora_R: Optional[Tensor] = None, *,
+                              row_clients: Tensor, scaling: Tensor, dropout_p: float = 0.0, seed: int = 0,
+                              offset: int = 0) -> tuple[Tensor, Tensor]:
+    """k clients' adapters over one base: row m of x, of client c = row_clients[m], gets
+    ``lora_linear_forward`` with client c's adapter,
+
+        y[m] = x[m] Wᵀ + b + s_c · drop(x)[m] A_cᵀ (R_cᵀ) B_cᵀ,     h[m] = drop(x)[m] A_cᵀ,
+
+    where lora_A (k, r, in), lora_B (k, out, r), lora_R (k, r, r), scaling (k,) and the dropout
+    mask is that of the whole batch (row m's, whatever its client). Returns y (..., out) in x's
+    dtype and h (M, r) in the accumulation dtype, rows in x's order."""
+    acc = _acc_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1]).to(acc)
+    d = _dropped(x2, dropout_p, seed, offset)
+    y = x2 @ weight.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    h = torch.zeros((x2.shape[0], lora_A.shape[1]), dtype=acc, device=x.device)
+    for c, idx in _client_rows(row_clients, lora_A.shape[0]):
+        hc = d[idx] @ lora_A[c].to(acc).T
+        v = hc @ lora_R[c].to(acc).T if lora_R is not None else hc
+        h[idx] = hc
+        y[idx] += scaling[c].to(acc) * (v @ lora_B[c].to(acc).T)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]), h
+
+
+def lora_linear_multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                               lora_R: Optional[Tensor], h: Tensor, *, row_clients: Tensor, scaling: Tensor,
+                               dropout_p: float, seed: int, offset: int,
+                               needs: tuple[bool, bool, bool, bool, bool],
+                               bias_dtype: Optional[torch.dtype] = None):
+    """(dx, dA (k, r, in), dB (k, out, r), dR (k, r, r), dbias) of ``lora_linear_multi_forward``
+    (None where not in ``needs``): client c's gradients are ``lora_linear_backward``'s over its
+    rows alone, dx and dbias those of the whole batch; a client without rows gets zeros."""
+    need_x, need_A, need_B, need_R, need_bias = needs
+    need_R = need_R and lora_R is not None
+    acc = _acc_dtype(x)
+    in_f = x.shape[-1]
+    G = grad_y.reshape(-1, grad_y.shape[-1]).to(acc)
+    h = h.to(acc)
+    d = _dropped(x.reshape(-1, in_f).to(acc), dropout_p, seed, offset) if need_A else None
+    low = torch.zeros((G.shape[0], in_f), dtype=acc, device=x.device) if need_x else None
+    dA = torch.zeros(lora_A.shape, dtype=acc, device=x.device) if need_A else None
+    dB = torch.zeros(lora_B.shape, dtype=acc, device=x.device) if need_B else None
+    dR = torch.zeros(lora_R.shape, dtype=acc, device=x.device) if need_R else None
+    for c, idx in _client_rows(row_clients, lora_A.shape[0]):
+        s = scaling[c].to(acc)
+        Gc, hc = G[idx], h[idx]
+        R = lora_R[c].to(acc) if lora_R is not None else None
+        g = Gc @ lora_B[c].to(acc)
+        gR = g @ R if R is not None else g
+        if need_B:
+            dB[c] = s * (Gc.T @ (hc @ R.T if R is not None else hc))
+        if need_R:
+            dR[c] = s * (g.T @ hc)
+        if need_A:
+            dA[c] = s * (gR.T @ d[idx])
+        if need_x:
+            low[idx] = s * (gR @ lora_A[c].to(acc))
+    dx = dbias = None
+    if need_x:
+        dx = (G @ weight.to(acc) + _dropped(low, dropout_p, seed, offset)).to(x.dtype).reshape(x.shape)
+    if need_bias:
+        dbias = G.sum(0).to(bias_dtype or grad_y.dtype)
+    cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
+    return dx, cast(dA, lora_A), cast(dB, lora_B), cast(dR, lora_R) if lora_R is not None else None, dbias
+
+
 # ------------------------------------------------------------------ DP-SGD
 
 

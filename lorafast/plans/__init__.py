@@ -13,7 +13,11 @@ lorafast/_ops.py call them through ``lorafast._backend.plan``):
     fedex_merge_(weight, U, V, compensation) -> None
     privatize(h, clip_norm, noise_std, mode, seed, offset) -> (y, sq fp32)
 
-x2 and gy2 are the (M, in) and (M, out) row views of the LoRA linear's activations.
+x2 and gy2 are the (M, in) and (M, out) row views of the LoRA linear's activations. The two
+LoRA linear functions also take ``segments=(rows, seg, scale)`` for many clients' adapters
+over one base (lora_linear_multi): the adapters are then (clients, ·, ·) stacks, position p
+of the client order is row rows[p] of client seg[p] (sorted), each client's scale is
+``scaling`` × scale[client], and h is in client order. "cuda" has no such kernels.
 
     reference.py  "torch"   lorafast.reference, the spec
     triton.py     "triton"  lorafast.kernels, the LoRA linear fully fused (its GEMMs in Triton)

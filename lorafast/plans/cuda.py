@@ -55,8 +55,15 @@ def _reduce(X: Tensor, *, P: Optional[Tensor] = None, out: Optional[Tensor] = No
             out[:, c0:c1] = out_c
 
 
-def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset):
+def _no_segments(segments) -> None:
+    if segments is not None:   # _backend.select never sends lora_linear_multi here
+        raise ValueError("the CUDA backend has no kernels for many clients' adapters (lora_linear_multi); "
+                         "use backend='triton', 'hybrid' or 'torch'")
+
+
+def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset, segments=None):
     """x2 (M, in) → (y (M, out) in x's dtype, h = drop(x) Aᵀ (M, r) fp32)."""
+    _no_segments(segments)
     M = x2.shape[0]
     out_f, r = weight.shape[0], lora_A.shape[0]
     h = torch.zeros((M, r), device=x2.device, dtype=torch.float32)
@@ -72,8 +79,9 @@ def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropo
 
 
 def passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
-           need_x, dA, dB, dR, db, grad_scale, rows_per_sample) -> Optional[Tensor]:
+           need_x, dA, dB, dR, db, grad_scale, rows_per_sample, segments=None) -> Optional[Tensor]:
     """The backward's kernels (see plans/lora.py for the contract)."""
+    _no_segments(segments)
     M = x2.shape[0]
     r = lora_A.shape[0]
     R = _f32(lora_R)

@@ -11,17 +11,36 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset):
-    y, h = reference.lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling=scaling,
-                                         dropout_p=dropout_p, seed=seed, offset=offset)
-    return y, h.to(torch.float32)
+def _row_clients(segments, M: int):
+    """(each row's client in x's order, the clients' scales) of the plans' ``segments``."""
+    rows, seg, scale = segments
+    clients = torch.empty(M, dtype=torch.int64, device=rows.device)
+    clients[rows] = seg.to(torch.int64)
+    return clients, scale
 
 
-def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs):
+def lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p, seed, offset, segments=None):
+    kw = dict(dropout_p=dropout_p, seed=seed, offset=offset)
+    if segments is None:
+        y, h = reference.lora_linear_forward(x2, weight, lora_A, lora_B, bias, lora_R, scaling=scaling, **kw)
+        return y, h.to(torch.float32)
+    clients, scale = _row_clients(segments, x2.shape[0])
+    y, h = reference.lora_linear_multi_forward(x2, weight, lora_A, lora_B, bias, lora_R, row_clients=clients,
+                                               scaling=scale * scaling, **kw)
+    return y, h[segments[0]].to(torch.float32)     # h in client order, as the kernel plans keep it
+
+
+def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, needs,
+                         segments=None):
     # dbias stays in the accumulation dtype: the op rounds it once, to the bias's dtype
-    return reference.lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling=scaling,
-                                          dropout_p=dropout_p, seed=seed, offset=offset, needs=needs,
-                                          bias_dtype=_acc(x2))
+    kw = dict(dropout_p=dropout_p, seed=seed, offset=offset, needs=needs, bias_dtype=_acc(x2))
+    if segments is None:
+        return reference.lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling=scaling, **kw)
+    clients, scale = _row_clients(segments, x2.shape[0])
+    h_rows = torch.empty_like(h)
+    h_rows[segments[0]] = h
+    return reference.lora_linear_multi_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h_rows, row_clients=clients,
+                                                scaling=scale * scaling, **kw)
 
 
 def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,

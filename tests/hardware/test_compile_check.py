@@ -104,6 +104,20 @@ def _public_calls():
                                      lora_R=rand(3, 3) if has_R else None, scaling=0.5,
                                      dropout_p=0.2 if dropout else 0.0, backend="hybrid")
             y.sum().backward()
+        combos = itertools.product((False, True), repeat=8) if dtype == torch.float32 else [(True,) * 8]
+        for has_R, has_bias, dropout, gx, gA, gB, gR, gb in combos:   # many clients' adapters
+            if (gR and not has_R) or (gb and not has_bias):
+                continue
+            x = rand(3, 5, 16, dtype=dtype).requires_grad_(gx)
+            A, B = rand(2, 3, 16).requires_grad_(gA), rand(2, 9, 3).requires_grad_(gB)
+            R = rand(2, 3, 3).requires_grad_(gR) if has_R else None
+            bias = rand(9, dtype=dtype).requires_grad_(gb) if has_bias else None
+            for backend in ("triton", "hybrid") if gx else ("triton",):
+                y = lorafast.lora_linear_multi(x, rand(9, 16, dtype=dtype), A, B, bias, lora_R=R,
+                                               client_ids=torch.tensor([1, 0, 1]), scaling=torch.tensor([0.5, 2.0]),
+                                               dropout_p=0.2 if dropout else 0.0, backend=backend)
+                if y.requires_grad:
+                    y.sum().backward()
         for has_R, need_x in itertools.product((False, True), repeat=2):
             x, gy = rand(4, 3, 16, dtype=dtype), rand(4, 3, 9, dtype=dtype)
             A, B, R = rand(3, 16), rand(9, 3), rand(3, 3) if has_R else None
