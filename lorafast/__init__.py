@@ -6,10 +6,10 @@ from ._ops import lora_linear, lora_linear_multi
 from .layers import LoRALinear
 from .multi_lora import MultiLoRALinear, clients
 from . import init
-from .interop import (from_peft, inject_adapters, load_adapters, merge_adapters, save_adapters,
+from .interop import (client_adapter, from_peft, inject_adapters, load_adapters, merge_adapters, save_adapters,
                       unmerge_adapters)
 
 __all__ = ["lora_linear", "LoRALinear", "lora_linear_multi", "MultiLoRALinear", "clients", "available_backends",
            "set_backend", "use_backend", "manual_seed",
            "inject_adapters", "from_peft", "save_adapters", "load_adapters", "merge_adapters", "unmerge_adapters",
-           "init", "__version__"]
+           "client_adapter", "init", "__version__"]

@@ -4,11 +4,12 @@ The interpreter proves the kernels' arithmetic but never runs Triton's compiler.
 
 1. **Enumerate.** The launchers of lorafast.kernels are driven over every case a public call can
    reach: each op and pass (lora_linear_multi's included); fp32, fp16 and bf16 activations;
-   fp32 adapters (PEFT's default) or adapters in the activations' dtype; every combination of the variant flags (lora_R, bias,
-   dropout, which gradients are needed, per-sample gradients, TF32 on or off, DP and privatize
-   modes); the launchers' own block-size choices (by batch size and rows per sample); and every
-   autotune config of the GEMM. The tensors are meta tensors of training shapes (4096 features),
-   so nothing is allocated, and launching is replaced by recording.
+   fp32 adapters (PEFT's default) or adapters in the activations' dtype; every combination of
+   the variant flags (lora_R, bias, dropout, which gradients are needed, per-sample gradients,
+   TF32 on or off, DP and privatize modes); the launchers' own block-size choices (by batch
+   size and rows per sample); and every autotune config of the GEMM. The tensors are meta
+   tensors of training shapes (4096 features), so nothing is allocated, and launching is
+   replaced by recording.
 2. **Compile.** Each distinct launch is specialised by Triton's own binder as a real launch would
    be, and ``triton.compile`` builds it for a named target (sm_80, sm_90a). Triton's front end,
    its NVIDIA backend and its bundled ptxas need no driver and no GPU.

@@ -16,7 +16,7 @@ from torch import nn
 
 from ._checks import check_client_ids, check_seed
 from ._ops import lora_linear_multi
-from .layers import VARIANTS, _seed_from_torch, base_parameters, draw_adapters
+from .layers import VARIANTS, LoRALinear, _seed_from_torch, base_parameters, draw_adapters
 
 
 def _ranks(r, clients: int) -> list[int]:
@@ -146,6 +146,27 @@ class MultiLoRALinear(nn.Module):
             layer.scaling = torch.tensor(layer._scales, device=weight.device)
         layer._new_adapters(weight.device)
         layer.reset_adapters()
+        return layer
+
+    def client_scaling(self, i: int) -> float:
+        return float(self._scales[i])
+
+    def client_layer(self, i: int) -> LoRALinear:
+        """Client ``i``'s adapter as a ``LoRALinear`` of its own rank, sharing this layer's frozen
+        base weight and bias (the adapter is a detached copy)."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.clients:
+            raise ValueError(f"client must be an integer in [0, {self.clients}), got {i!r}")
+        q = self.ranks[i]
+        layer = LoRALinear(self.in_features, self.out_features, q, self.lora_alpha, self.lora_dropout,
+                           bias=self.bias is not None, variant=self.variant, use_rslora=self.use_rslora,
+                           device="meta", dtype=self.weight.dtype, seed=self.seed,
+                           fan_in_fan_out=self.fan_in_fan_out)
+        layer.weight, layer.bias = self.weight, self.bias
+        copy = lambda t: nn.Parameter(t.detach().clone(), requires_grad=False)  # noqa: E731
+        layer.lora_A, layer.lora_B = copy(self.lora_A[i, :q]), copy(self.lora_B[i, :, :q])
+        if self.lora_R is not None:
+            layer.lora_R = copy(self.lora_R[i, :q, :q])
+        layer.scaling = self.client_scaling(i)
         return layer
 
     def forward(self, x: torch.Tensor, client_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

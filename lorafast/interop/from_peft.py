@@ -7,7 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._checks import check_count
 from ..layers import LoRALinear, is_conv1d
+from ..multi_lora import MultiLoRALinear
 from .targets import replace
 
 _ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,22 +67,29 @@ def _active(module: nn.Module) -> list[str]:
     return [a for a in module.active_adapters if a in module.lora_A]
 
 
-def _fused(module: nn.Module) -> LoRALinear:
+def _fused(module: nn.Module, clients: Optional[int] = None) -> nn.Module:
     name = _active(module)[0]
     A, B = module.lora_A[name].weight, module.lora_B[name].weight
     drop = module.lora_dropout[name]
     trains_A = A.requires_grad
-    layer = LoRALinear.from_linear(module.get_base_layer(), r=module.r[name], lora_alpha=module.lora_alpha[name],
-                                   lora_dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0,
-                                   variant="lora" if trains_A or not B.requires_grad else "ffa",
-                                   use_rslora=bool(module.use_rslora.get(name, False)),
-                                   seed=0)   # a fixed key: the adapters are PEFT's, so draw nothing from the stream
-    layer.lora_A, layer.lora_B = A, B       # the same Parameter objects: optimizers keep working
+    kw = dict(r=module.r[name], lora_alpha=module.lora_alpha[name],
+              lora_dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0,
+              variant="lora" if trains_A or not B.requires_grad else "ffa",
+              use_rslora=bool(module.use_rslora.get(name, False)),
+              seed=0)   # a fixed key: the adapters are PEFT's, so draw nothing from the stream
+    if clients is not None:   # every client starts from PEFT's adapter, in its own slot of the stacks
+        layer = MultiLoRALinear.from_linear(module.get_base_layer(), clients, **kw)
+        with torch.no_grad():
+            layer.lora_A.copy_(A.detach().float().expand_as(layer.lora_A))
+            layer.lora_B.copy_(B.detach().float().expand_as(layer.lora_B))
+    else:
+        layer = LoRALinear.from_linear(module.get_base_layer(), **kw)
+        layer.lora_A, layer.lora_B = A, B       # the same Parameter objects: optimizers keep working
     layer.scaling = float(module.scaling[name])
     return layer
 
 
-def from_peft(peft_model: nn.Module, *, strict: bool = True) -> nn.Module:
+def from_peft(peft_model: nn.Module, *, strict: bool = True, clients: Optional[int] = None) -> nn.Module:
     """Replace, in place, each PEFT LoRA layer of ``peft_model`` with a fused ``LoRALinear``
     that shares its parameter tensors (base weight and bias, lora_A, lora_B), and carries
     over r, lora_alpha, the scaling (rsLoRA included) and the dropout. Returns ``peft_model``.
@@ -94,12 +103,17 @@ def from_peft(peft_model: nn.Module, *, strict: bool = True) -> nn.Module:
     management no longer sees the fused layers: use ``lorafast.save_adapters`` (PEFT's
     format) instead of ``save_pretrained``, ``lorafast.merge_adapters`` instead of
     ``merge_and_unload``; ``disable_adapter()`` and ``set_adapter`` do not apply.
+
+    ``clients=k`` makes each layer a ``MultiLoRALinear`` whose k clients all start from the
+    PEFT adapter (copies in stacked parameters: build the optimizer after converting).
     """
     lora_layer = _peft_lora()
     if not isinstance(peft_model, nn.Module):
         raise ValueError(f"peft_model must be a torch.nn.Module, got {type(peft_model).__name__}")
     if not isinstance(strict, bool):
         raise ValueError(f"strict must be a bool, got {strict!r}")
+    if clients is not None:
+        check_count("clients", clients, minimum=1)
     plan, unfused = [], []
     for name, module in peft_model.named_modules():
         if isinstance(module, lora_layer.LoraLayer):
@@ -111,7 +125,7 @@ def from_peft(peft_model: nn.Module, *, strict: bool = True) -> nn.Module:
         listed = "\n".join(f"  {n}: {why}" for n, why in unfused)
         raise ValueError(f"from_peft cannot fuse {len(unfused)} PEFT LoRA layer(s):\n{listed}\n"
                          "pass strict=False to keep them as PEFT layers")
-    fused = [(name, _fused(module)) for name, module in plan]
+    fused = [(name, _fused(module, clients)) for name, module in plan]
     for name, layer in fused:
         replace(peft_model, name, layer)
     if unfused:

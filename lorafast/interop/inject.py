@@ -1,19 +1,28 @@
 """Adapters into an existing model: inject, merge, unmerge."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from torch import nn
 
 from .._checks import check_choice, check_count, check_positive
 from ..layers import VARIANTS, LoRALinear
+from ..multi_lora import MultiLoRALinear
 from .targets import freeze_all_but_adapters, hf_root, lora_layers, match_targets, replace
 
 
-def check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora) -> None:
+def check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora, clients=None) -> None:
     """The adapter arguments of ``inject_adapters`` (and of a loaded config), each refused
     with a ValueError naming it."""
-    check_count("r", r, minimum=1)
+    if clients is not None:
+        check_count("clients", clients, minimum=1)
+    if clients is None or not isinstance(r, (list, tuple)):
+        check_count("r", r, minimum=1)
+    elif len(r) != clients:
+        raise ValueError(f"r must be one rank or a list of {clients} ranks (one per client), got {len(r)}")
+    else:
+        for q in r:
+            check_count("r", q, minimum=1)
     check_choice("variant", variant, VARIANTS)
     check_positive("lora_alpha", lora_alpha)
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
@@ -24,7 +33,7 @@ def check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora) -> None
 
 def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]], *, r: int = 8,
                     lora_alpha: float = 8, lora_dropout: float = 0.0, variant: str = "lora",
-                    use_rslora: bool = False) -> nn.Module:
+                    use_rslora: bool = False, clients: Optional[int] = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` (or GPT-2 ``Conv1D``) that ``target_modules``
     selects with a fused ``LoRALinear`` sharing its frozen weight and bias, and freeze every
     other parameter of ``model``. Returns ``model``.
@@ -32,12 +41,19 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
     ``target_modules``: module-name suffixes as PEFT's (``["q_proj", "v_proj"]``) or
     ``"all-linear"`` (every linear layer but the output layer). A Conv1D keeps its (in, out)
     weight (``LoRALinear(fan_in_fan_out=True)``), so the state dict keeps its layout.
-    Nothing is changed when an argument is refused."""
-    check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora)
+
+    ``clients=k`` makes each a ``MultiLoRALinear`` of k clients' adapters over the shared
+    base (``r`` may then list one rank per client); run the model inside
+    ``with lorafast.clients(model, client_ids):``. Nothing is changed when an argument is
+    refused."""
+    check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora, clients)
     root = hf_root(model)
     names = match_targets(model, target_modules)
-    new = {n: LoRALinear.from_linear(root.get_submodule(n), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                     variant=variant, use_rslora=use_rslora) for n in names}
+    kw = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, variant=variant, use_rslora=use_rslora)
+    if clients is None:
+        new = {n: LoRALinear.from_linear(root.get_submodule(n), **kw) for n in names}
+    else:
+        new = {n: MultiLoRALinear.from_linear(root.get_submodule(n), clients, **kw) for n in names}
     for n, layer in new.items():
         replace(root, n, layer)
     freeze_all_but_adapters(root)

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from ..layers import LoRALinear
+from ..multi_lora import MultiLoRALinear
 from .inject import check_adapter_args
 from .targets import (PEFT_PREFIX, freeze_all_but_adapters, hf_root, is_linear, is_peft_lora_layer, is_peft_model,
-                      lora_layers, replace)
+                      lora_layers, multi_lora_layers, replace)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,7 +77,7 @@ def _trained_modules(model: nn.Module) -> dict[str, nn.Module]:
     active copies) and modules outside LoRALinear layers that own a trainable parameter."""
     root = hf_root(model)
     out = {n: _active_copy(m) for n, m in root.named_modules() if _is_wrapper(m) and m.active_adapters}
-    skip = tuple(out) + tuple(n for n, m in root.named_modules() if isinstance(m, LoRALinear))
+    skip = tuple(out) + tuple(n for n, m in root.named_modules() if isinstance(m, (LoRALinear, MultiLoRALinear)))
     for name, m in root.named_modules():
         if any(name == k or name.startswith(k + ".") for k in skip):
             continue
@@ -111,17 +112,24 @@ def _config(model: nn.Module, layers: dict[str, LoRALinear], trained: dict[str, 
     }
 
 
-def save_adapters(model: nn.Module, directory: Union[str, Path]) -> Path:
-    """Write every LoRALinear adapter of ``model`` in PEFT's format (see the module
-    docstring) to ``directory``, which is created. Returns the directory."""
-    layers = lora_layers(model)
+def _layers_to_save(model: nn.Module, client: Optional[int]) -> dict[str, LoRALinear]:
+    """{name: LoRALinear} to save: the model's, or with ``client`` each MultiLoRALinear's
+    adapter of that client (``MultiLoRALinear.client_layer``) beside any LoRALinear."""
+    layers, multi = lora_layers(model), multi_lora_layers(model)
+    if multi and client is None:
+        raise ValueError(f"model's MultiLoRALinear layers ({next(iter(multi))}, ...) hold "
+                         f"{next(iter(multi.values())).clients} clients' adapters: pass client=i to save client i's")
+    if client is not None:
+        if not multi:
+            raise ValueError("client= is for models with MultiLoRALinear layers; this model has none")
+        layers.update({n: m.client_layer(client) for n, m in multi.items()})
     if not layers:
         raise ValueError("model has no LoRALinear layers to save")
-    merged = [n for n, m in layers.items() if m.merged]
-    if merged:
-        warnings.warn(f"saving adapters of merged layers {merged[:3]}: the saved base model must not be merged "
-                      "too, or the update counts twice", stacklevel=2)
-    st = _safetensors()
+    return layers
+
+
+def _adapter_tensors(layers: dict[str, LoRALinear]) -> tuple[dict, dict, dict]:
+    """(PEFT's tensors, the XS/SB factors B and R, the XS/SB variants) of ``layers``."""
     tensors, factors, variants = {}, {}, {}
     for name, m in layers.items():
         key = PEFT_PREFIX + name
@@ -132,6 +140,31 @@ def save_adapters(model: nn.Module, directory: Union[str, Path]) -> Path:
             variants[name] = m.variant
             B = B.float() @ m.lora_R.detach().float()
         tensors[key + _B] = B
+    return tensors, factors, variants
+
+
+def client_adapter(model: nn.Module, client: int) -> dict[str, torch.Tensor]:
+    """Client ``client``'s adapter of a model with MultiLoRALinear layers, as the tensors of a
+    PEFT adapter (``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight``
+    (out, r), each client at its own rank): what ``get_peft_model_state_dict`` returns and
+    ``set_peft_model_state_dict`` loads. ``save_adapters(model, dir, client=i)`` writes it with
+    its config."""
+    if not multi_lora_layers(model):
+        raise ValueError("model has no MultiLoRALinear layers (inject_adapters(..., clients=k) makes them)")
+    return _adapter_tensors(_layers_to_save(model, client))[0]
+
+
+def save_adapters(model: nn.Module, directory: Union[str, Path], *, client: Optional[int] = None) -> Path:
+    """Write every LoRALinear adapter of ``model`` in PEFT's format (see the module
+    docstring) to ``directory``, which is created. Returns the directory. A model with
+    MultiLoRALinear layers saves one client's adapter: ``client=i``."""
+    layers = _layers_to_save(model, client)
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        warnings.warn(f"saving adapters of merged layers {merged[:3]}: the saved base model must not be merged "
+                      "too, or the update counts twice", stacklevel=2)
+    st = _safetensors()
+    tensors, factors, variants = _adapter_tensors(layers)
     trained = _trained_modules(model)
     for name, m in trained.items():
         tensors.update({f"{PEFT_PREFIX}{name}.{k}": v.detach() for k, v in m.state_dict(keep_vars=True).items()})

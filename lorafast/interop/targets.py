@@ -95,11 +95,18 @@ def replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(owner, child, new)
 
 
+def multi_lora_layers(model: nn.Module) -> dict:
+    """{name: MultiLoRALinear} of the model."""
+    from ..multi_lora import MultiLoRALinear
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+
+
 def freeze_all_but_adapters(root: nn.Module) -> None:
     """requires_grad=False for every parameter except the trainable adapter factors."""
+    from ..multi_lora import MultiLoRALinear
     keep = set()
     for m in root.modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, MultiLoRALinear)):
             keep.update(id(p) for p in (m.lora_A, m.lora_B, m.lora_R) if p is not None and p.requires_grad)
     for p in root.parameters():
         if id(p) not in keep:
