@@ -24,6 +24,11 @@ element) or pass a bf16/fp16 weight with an fp32 ``compensation`` of the same sh
 (2 + 4 bytes per element, but the model itself stays in half precision): it carries
 what rounding dropped, so ``weight.float() + compensation`` is the true weight.
 
+Stacks: ``client_A`` (k, r, in) and ``client_B`` (k, out, r) may be stacked tensors, as a
+``MultiLoRALinear`` holds them; ``aggregate(multi_layer)`` aggregates its k clients and
+writes the global adapter back into all k slots in place (fedex also merges the residual
+into the shared base, in one launch for all clients).
+
 Layout of the base weight: ``aggregate`` works on the (out, in) matrix that
 ``lora_B`` (out, r) · ``lora_A`` (r, in) updates. A GPT-2 ``Conv1D`` layer stores its
 weight (in, out) (``LoRALinear(fan_in_fan_out=True)``); pass the layer itself, or
@@ -41,6 +46,7 @@ from torch import Tensor
 from .. import _ops, reference
 from .._checks import check_choice, check_finite, check_tensor
 from ..layers import LoRALinear
+from ..multi_lora import MultiLoRALinear
 
 METHODS = ("fedavg", "fedex", "ffa", "flora")
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -120,9 +126,32 @@ def _check_layout(name: str, weight, client_A: Sequence[Tensor], client_B: Seque
                      f"(r, {in_f}) need an (out, in) = ({out_f}, {in_f}) base_weight; {hint}")
 
 
+def _check_stacks(client_A: Tensor, client_B: Tensor, weight, name: str) -> None:
+    """Stacked adapters (k, r, in) and (k, out, r) of one rank, on one device, finite."""
+    for what, t in (("client_A", client_A), ("client_B", client_B)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(f"{what} must be a list of 2-D tensors or a 3-D floating-point stack, one slice "
+                             "per client")
+    k, r, _ = client_A.shape
+    if client_B.shape[0] != k or client_B.shape[2] != r:
+        raise ValueError(f"client_A {tuple(client_A.shape)} and client_B {tuple(client_B.shape)} must be (k, r, in) "
+                         "and (k, out, r) stacks of the same k clients and rank r")
+    if k == 0:
+        raise ValueError("client_A is empty: aggregate needs at least one client")
+    if client_B.device != client_A.device:
+        raise ValueError(f"client_B is on {client_B.device} but client_A is on {client_A.device}")
+    _check_layout(name, weight, [client_A[0]], [client_B[0]])
+    finite = torch.isfinite(client_A).flatten(1).all(1) & torch.isfinite(client_B).flatten(1).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"client {int((~finite).nonzero()[0])} sent a non-finite adapter (inf or nan)")
+
+
 def _check_clients(client_A: Sequence[Tensor], client_B: Sequence[Tensor], weight, name: str) -> None:
+    if isinstance(client_A, Tensor) or isinstance(client_B, Tensor):
+        return _check_stacks(client_A, client_B, weight, name)
     if not isinstance(client_A, (list, tuple)) or not isinstance(client_B, (list, tuple)):
-        raise ValueError("client_A and client_B must be lists of tensors, one per client")
+        raise ValueError("client_A and client_B must be lists of tensors, one per client, or (k, r, in) and "
+                         "(k, out, r) stacks")
     if len(client_A) == 0:
         raise ValueError("client_A is empty: aggregate needs at least one client")
     if len(client_A) != len(client_B):
@@ -161,7 +190,27 @@ def _check_weight(name: str, weight: Tensor, compensation: Optional[Tensor], dev
                              f"on {weight.device}")
 
 
-def aggregate(weight: Union[Tensor, LoRALinear], client_A: Sequence[Tensor], client_B: Sequence[Tensor], *,
+def _multi_target(layer: MultiLoRALinear, client_A, client_B, method: str, scaling):
+    """(weight, A stack, B stack, scaling) of ``aggregate(multi_layer)``."""
+    if client_A is not None or client_B is not None:
+        raise ValueError("aggregate(multi_layer) takes the clients' adapters from the layer: leave client_A and "
+                         "client_B out")
+    if len(set(layer.ranks)) > 1:
+        raise ValueError(f"layer's clients have different ranks {layer.ranks}: the global adapter has rank {layer.r} "
+                         "and cannot be written back into the lower-rank slots; aggregate the stacks "
+                         "(layer.lora_A, layer.lora_B) instead")
+    if method == "flora":
+        raise ValueError("method='flora' gives a global adapter of rank k·r, which the layer's rank-r slots cannot "
+                         "hold; aggregate the stacks (layer.lora_A, layer.lora_B) instead")
+    if layer.lora_R is not None:
+        raise ValueError(f"layer's variant {layer.variant!r} trains R: aggregate its stack with aggregate_r")
+    s = float(layer.scaling) if scaling is None else check_finite("scaling", scaling)
+    if not math.isclose(s, float(layer.scaling), rel_tol=1e-12, abs_tol=0.0):
+        raise ValueError(f"scaling={scaling!r} is not the layer's scaling {layer.scaling!r}: leave scaling out")
+    return layer.base_weight, layer.lora_A.detach(), layer.lora_B.detach(), s
+
+
+def aggregate(weight: Union[Tensor, LoRALinear, MultiLoRALinear], client_A=None, client_B=None, *,
               method: str = "fedex", client_weights=None, scaling: Optional[float] = None,
               compensation: Optional[Tensor] = None, backend: Optional[str] = None) -> AggregateResult:
     """Aggregate k clients' adapters of one layer (see the module docstring for the methods).
@@ -172,8 +221,9 @@ def aggregate(weight: Union[Tensor, LoRALinear], client_A: Sequence[Tensor], cli
             (out, in) view, also of a GPT-2 Conv1D layer's (in, out) weight) is used.
             "fedex" updates it in place; the other methods leave it untouched. A weight
             whose shape is not the (out, in) of the clients' B·A is refused.
-        client_A, client_B: lists of (rᵢ, in) and (out, rᵢ). "fedex" and "fedavg" accept
-            different ranks (zero-padded to the largest, which keeps fedex exact).
+        client_A, client_B: lists of (rᵢ, in) and (out, rᵢ), or (k, r, in) and (k, out, r)
+            stacks. "fedex" and "fedavg" accept different ranks (zero-padded to the largest,
+            which keeps fedex exact).
         client_weights: k non-negative numbers (e.g. example counts), normalised to pᵢ;
             default equal.
         scaling: the adapters' s (lora_alpha / r). Default: the layer's ``scaling`` when
@@ -182,50 +232,70 @@ def aggregate(weight: Union[Tensor, LoRALinear], client_A: Sequence[Tensor], cli
             weight drops ("fedex"); updated in place.
         backend: "torch", "triton", "cuda" or None (automatic) for the merge.
 
+    A ``MultiLoRALinear`` as ``weight`` aggregates its k clients (equal ranks; not "flora")
+    and writes the global adapter into every client's slot, in place.
+
     Everything is validated before anything is written: on a ValueError, weight and
     compensation are bit-identical to before.
     """
     check_choice("method", method, METHODS)
-    weight, name, scaling = _target(weight, scaling)
+    layer = weight if isinstance(weight, MultiLoRALinear) else None
+    if layer is not None:
+        weight, client_A, client_B, scaling = _multi_target(layer, client_A, client_B, method, scaling)
+        name = "layer.base_weight"
+    else:
+        weight, name, scaling = _target(weight, scaling)
     _check_clients(client_A, client_B, weight, name)
     device = client_A[0].device
     _check_weight(name, weight, compensation, device)
     k = len(client_A)
     p = _normalise(client_weights, k, device)
-    like = client_A[0]
+    result = _aggregate(weight, client_A, client_B, method, p, scaling, compensation, backend)
+    if layer is not None:
+        with torch.no_grad():
+            layer.lora_A.copy_(result.lora_A.expand_as(layer.lora_A))
+            layer.lora_B.copy_(result.lora_B.expand_as(layer.lora_B))
+    return result
 
+
+def _aggregate(weight, client_A, client_B, method, p, scaling, compensation, backend) -> AggregateResult:
+    like, like_B = client_A[0], client_B[0]
     if method == "ffa":
         for i, a in enumerate(client_A[1:], 1):
             if a.shape != like.shape or not torch.equal(a, like):
                 raise ValueError(f"method='ffa' needs every client to share A exactly; client {i}'s A differs "
                                  "from client 0's")
-        B = torch.stack([b.to(torch.float64) for b in client_B])
-        B_bar = torch.einsum("k,kor->or", p, B).to(client_B[0].dtype)
-        return AggregateResult(weight, like.clone(), B_bar)
+        B = client_B.to(torch.float64) if isinstance(client_B, Tensor) else \
+            torch.stack([b.to(torch.float64) for b in client_B])
+        return AggregateResult(weight, like.clone(), torch.einsum("k,kor->or", p, B).to(like_B.dtype))
     if method == "flora":
         A = torch.cat([(pi * a.to(torch.float64)).to(a.dtype) for pi, a in zip(p.tolist(), client_A)])
         B = torch.cat(list(client_B), dim=1)
         return AggregateResult(weight, A, B.clone())
 
-    A_bar, B_bar, U, V = fedex_factors(list(client_A), list(client_B), p, scaling)
-    result = AggregateResult(weight, A_bar.to(like.dtype), B_bar.to(client_B[0].dtype))
+    A_bar, B_bar, U, V = fedex_factors(client_A, client_B, p, scaling)
+    result = AggregateResult(weight, A_bar.to(like.dtype), B_bar.to(like_B.dtype))
     if method == "fedex":
         f32 = torch.float64 if weight.dtype == torch.float64 else torch.float32
         U, V = U.to(f32).contiguous(), V.to(f32).contiguous()
-        _ops.fedex_merge_(weight, U, V, compensation, backend)
+        _ops.fedex_merge_(weight, U, V, compensation, backend)    # every client's residual in one launch
         result.residual = (U, V)
     return result
 
 
-def fedex_factors(client_A: list[Tensor], client_B: list[Tensor], p: Tensor,
-                  scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fedex_factors(client_A, client_B, p: Tensor, scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(Ā, B̄, U, V) with Ā = Σ pᵢAᵢ, B̄ = Σ pᵢBᵢ and the centred, stacked factors
 
         U = s·[p₁(B₁−B̄) … p_k(B_k−B̄)]  (out, K)      V = [A₁−Ā; …; A_k−Ā]  (K, in)
 
     so that U V = s·Σ pᵢ(Bᵢ−B̄)(Aᵢ−Ā) = s·(Σ pᵢBᵢAᵢ − B̄Ā) when Σ pᵢ = 1 (K = k·r, ranks
-    zero-padded to the largest). The centred form has no cancellation when clients agree."""
-    A, B = reference.stack_padded(client_A, client_B)
+    zero-padded to the largest; the clients' adapters as lists, or as (k, r, in) and (k, out, r)
+    stacks). The centred form has no cancellation when clients agree."""
+    if isinstance(client_A, Tensor):
+        acc = torch.float64 if client_A.dtype == torch.float64 or client_B.dtype == torch.float64 else torch.float32
+        A, B = client_A.to(acc), client_B.to(acc)
+    else:
+        A, B = reference.stack_padded(list(client_A), list(client_B))
     p = p.to(A.dtype)
     A_bar = torch.einsum("k,kri->ri", p, A)
     B_bar = torch.einsum("k,kor->or", p, B)
