@@ -199,9 +199,6 @@ def _multi_target(layer: MultiLoRALinear, client_A, client_B, method: str, scali
         raise ValueError(f"layer's clients have different ranks {layer.ranks}: the global adapter has rank {layer.r} "
                          "and cannot be written back into the lower-rank slots; aggregate the stacks "
                          "(layer.lora_A, layer.lora_B) instead")
-    if method == "flora":
-        raise ValueError("method='flora' gives a global adapter of rank k·r, which the layer's rank-r slots cannot "
-                         "hold; aggregate the stacks (layer.lora_A, layer.lora_B) instead")
     if layer.lora_R is not None:
         raise ValueError(f"layer's variant {layer.variant!r} trains R: aggregate its stack with aggregate_r")
     s = float(layer.scaling) if scaling is None else check_finite("scaling", scaling)
@@ -232,8 +229,10 @@ def aggregate(weight: Union[Tensor, LoRALinear, MultiLoRALinear], client_A=None,
             weight drops ("fedex"); updated in place.
         backend: "torch", "triton", "cuda" or None (automatic) for the merge.
 
-    A ``MultiLoRALinear`` as ``weight`` aggregates its k clients (equal ranks; not "flora")
-    and writes the global adapter into every client's slot, in place.
+    A ``MultiLoRALinear`` as ``weight`` aggregates its k clients (of equal ranks) and writes
+    the global adapter into every client's slot, in place. "flora"'s rank-k·r global adapter
+    does not fit the slots: as the Flower strategy does, it is merged into the base
+    (W += s·[B₁…B_k][p₁A₁; …; p_kA_k]) and the clients restart from (Ā, 0).
 
     Everything is validated before anything is written: on a ValueError, weight and
     compensation are bit-identical to before.
@@ -251,6 +250,11 @@ def aggregate(weight: Union[Tensor, LoRALinear, MultiLoRALinear], client_A=None,
     k = len(client_A)
     p = _normalise(client_weights, k, device)
     result = _aggregate(weight, client_A, client_B, method, p, scaling, compensation, backend)
+    if layer is not None and method == "flora":
+        U, V = (scaling * result.lora_B.to(torch.float32)).contiguous(), result.lora_A.to(torch.float32).contiguous()
+        _ops.fedex_merge_(weight, U, V, compensation, backend)
+        A_bar = torch.einsum("k,kri->ri", p, client_A.to(torch.float64)).to(client_A.dtype)
+        result = AggregateResult(weight, A_bar, torch.zeros_like(client_B[0]), (U, V))
     if layer is not None:
         with torch.no_grad():
             layer.lora_A.copy_(result.lora_A.expand_as(layer.lora_A))

@@ -56,6 +56,22 @@ def test_multi_layer_is_merged_exactly_and_written_back():
         assert torch.allclose(got, want, atol=1e-12), i
 
 
+def test_multi_layer_flora_merges_into_the_base_and_restarts():
+    """flora on a layer, as the Flower strategy: W' = W + s·Σ pᵢBᵢAᵢ, the slots hold (Ā, 0)."""
+    fresh_seed()
+    layer = MultiLoRALinear(IN, OUT, K, r=R, lora_alpha=6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    A, B, W = layer.lora_A.detach().double(), layer.lora_B.detach().double(), layer.weight.detach().double()
+    p = torch.rand(K, dtype=torch.float64)
+    p /= p.sum()
+    want = W + layer.scaling * sum(p[i] * B[i] @ A[i] for i in range(K))
+    aggregate(layer, method="flora", client_weights=p.tolist())
+    assert torch.allclose(layer.weight.double(), want, atol=1e-5)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert torch.allclose(layer.lora_A[1].double(), torch.einsum("k,kri->ri", p, A), atol=1e-6)
+
+
 def test_multi_layer_ffa_and_fedavg_leave_the_base():
     fresh_seed()
     layer = MultiLoRALinear(IN, OUT, K, r=R, variant="ffa")
@@ -72,7 +88,6 @@ def test_multi_layer_ffa_and_fedavg_leave_the_base():
 
 @pytest.mark.parametrize("make, kw, match", [
     (lambda: MultiLoRALinear(IN, OUT, 3, r=[2, 3, 3]), {}, r"different ranks \[2, 3, 3\]"),
-    (lambda: MultiLoRALinear(IN, OUT, 3, r=2), dict(method="flora"), "rank k·r"),
     (lambda: MultiLoRALinear(IN, OUT, 3, r=2), dict(client_A=torch.zeros(3, 2, IN)), "leave client_A"),
     (lambda: MultiLoRALinear(IN, OUT, 3, r=2), dict(scaling=3.0), "not the layer's scaling"),
     (lambda: MultiLoRALinear(IN, OUT, 3, r=2, variant="xs"), {}, "aggregate_r"),
