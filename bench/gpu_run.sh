@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# A GPU machine's pass over lorafast, in two stages that each fit a short slot (≤ 7 minutes on
+# A GPU machine's pass over lorafast, in stages that each fit a short slot (≤ 7 minutes on
 # an H100/H200), run from a source checkout whose Python has CUDA torch, Triton, nvcc and ninja:
 #   a  one JIT build of the CUDA extension, the GPU tests, and `lorafast check` on the GPU
 #   b  the headline benchmarks, bf16 forward+backward: the LoRA linear at 4096², r=16, N=2048
 #      and 8192 (nn.Linear, PEFT, and lorafast's hybrid, fused and CUDA plans), the DP step,
 #      the FedEx merge at k=16, and the noise kernel
+#   c  the model-level suites on a 1.1B Llama: one LoRA training step (PEFT vs lorafast) and one
+#      federated round of 16 clients (sequential PEFT, sequential lorafast, one batched step)
 # Each stage prints its time. Logs and CSVs go to bench/results/<gpu>/ ($OUT overrides), and the
 # measured backend table to lorafast/tuning/<gpu>.json, which automatic selection then ships.
-#   bash bench/gpu_run.sh a|b        (no argument: a, then b)
+#   bash bench/gpu_run.sh a|b|c      (no argument: a, then b; c on its own)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -52,10 +54,18 @@ stage_b() {
   return $status
 }
 
+stage_c() {
+  step "model step: PEFT vs lorafast.from_peft, 1.1B Llama"
+  run python bench/bench_model.py --quick --out "$OUT_DIR/model.csv"
+  step "federated round of 16 clients: sequential PEFT / lorafast, one batched MultiLoRALinear step"
+  run python bench/bench_multi.py --quick --out "$OUT_DIR/multi.csv"
+  return $status
+}
+
 for s in $(echo "$STAGES" | grep -o .); do
   case $s in
-    a|b) ;;
-    *) echo "usage: bash bench/gpu_run.sh [a|b]" >&2; exit 2 ;;
+    a|b|c) ;;
+    *) echo "usage: bash bench/gpu_run.sh [a|b|c]" >&2; exit 2 ;;
   esac
   SECONDS=0
   "stage_$s" 2>&1 | tee "$OUT_DIR/stage_$s.log" || status=1   # the stage runs in the pipe's subshell

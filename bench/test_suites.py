@@ -3,7 +3,7 @@
     pytest bench/ --benchmark-only [--benchmark-json out.json]
 
 Nothing here defines a case: each test runs one script's ``common.Suite`` (bench_lora_linear,
-bench_noise, bench_federated, bench_dp, bench_model), with its sizes, providers, inputs,
+bench_noise, bench_federated, bench_dp, bench_model, bench_multi), with its sizes, providers, inputs,
 builders, correctness checks and timed callables, the same that write its CSV. One test per
 CSV `time` row:
 
@@ -12,6 +12,7 @@ CSV `time` row:
   test_fedex_merge  provider × config (the FedEx merge, in place)
   test_dp_step      provider × config (one DP-SGD training step)
   test_model_step   provider (one LoRA training step of the Llama-style model)
+  test_multi_round  provider × config (one federated round of k clients)
 
 Each provider is checked as the script checks it before timing (the suite's whole-run checks,
 ``Suite.prepare``, once per session). A provider that cannot run here (``Suite.missing``: its
@@ -34,6 +35,7 @@ import bench_dp as bd
 import bench_federated as bf
 import bench_lora_linear as bl
 import bench_model as bm
+import bench_multi as bmu
 import bench_noise as bn
 import common
 
@@ -47,7 +49,8 @@ TESTS = {"test_lora_linear": ("shape, provider, mode", bl.SUITE, True),
          "test_noise": ("shape, provider, mode", bn.SUITE, True),
          "test_fedex_merge": ("cfg, provider", bf.SUITE, True),
          "test_dp_step": ("cfg, provider", bd.SUITE, True),
-         "test_model_step": ("cfg, provider", bm.SUITE, False)}
+         "test_model_step": ("cfg, provider", bm.SUITE, False),
+         "test_multi_round": ("cfg, provider", bmu.SUITE, True)}
 SUITES: dict = {}  # suite class -> its instance for this session (providers resolved, prepare run once)
 
 
@@ -192,3 +195,7 @@ def test_dp_step(bench, request, cfg, provider):
 
 def test_model_step(bench, request, cfg, provider):
     run_case(bench, request, bm.SUITE, cfg, provider, bm.MODE)
+
+
+def test_multi_round(bench, request, cfg, provider):
+    run_case(bench, request, bmu.SUITE, cfg, provider, bmu.MODE)

@@ -61,6 +61,7 @@ def test_env_names_every_backend_and_why():
 # each suite's CSV holds lorafast and at least one real peer or bound measured in the same run
 BENCH_PROVIDERS = {"lora": {"lorafast-torch", "peft"}, "dp": {"lorafast-dp", "opacus"},
                    "federated": {"lorafast-triton", "naive"}, "model": {"lorafast", "peft"},
+                   "multi": {"peft-sequential", "lorafast-sequential", "lorafast-multi"},
                    "noise": {"copy", "lorafast-torch"}}
 
 

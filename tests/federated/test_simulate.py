@@ -95,3 +95,22 @@ def test_bad_input(kw, exc, match):
     assert all(torch.equal(t, before[n]) for n, t in m.state_dict().items())
     with pytest.raises(ValueError, match="no MultiLoRALinear"):
         simulate(nn.Linear(2, 2), datasets(), rounds=1, local_steps=1)
+
+
+def test_example_runs(tmp_path):
+    """examples/federated_simulation.py --tiny prints a loss per round and method and plots them."""
+    import subprocess
+    import sys
+
+    from support.common import ROOT
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "federated_simulation.py"), "--tiny",
+                           "--rounds", "2", "--local-steps", "2", "--plot", str(tmp_path / "fs.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    header = lines.index("round    fedavg     fedex       ffa")
+    for line in lines[header + 1:header + 3]:
+        values = [float(v) for v in line.split()[1:]]
+        assert len(values) == 3 and all(0 < v < 10 for v in values), line
+    assert (tmp_path / "fs.png").stat().st_size > 1000
