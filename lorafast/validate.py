@@ -83,6 +83,44 @@ def check_lora_linear(backend: str, device: str, dtype: torch.dtype, case) -> Ro
     return Row("lora_linear", backend, device, str(dtype).replace("torch.", ""), shape, err, TOLERANCES[dtype])
 
 
+# many clients over one base: (variant, x shape, in, out, r, clients, dropout_p)
+MULTI_CASES = [
+    ("lora", (7, 3, 33), 33, 47, 3, 4, 0.0),
+    ("xs", (5, 17), 17, 33, 5, 3, 0.0),
+    ("ffa", (6, 2, 40), 40, 24, 2, 3, 0.3),
+]
+
+
+def check_lora_linear_multi(backend: str, device: str, dtype: torch.dtype, case) -> Row:
+    """lorafast::lora_linear_multi_fwd/bwd: samples of shuffled clients (one with none) against
+    the float64 spec, the output and every gradient."""
+    variant, xshape, in_f, out_f, r, k, p = case
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = rnd(*xshape).to(device, dtype).requires_grad_(True)
+    W, bias = (rnd(out_f, in_f) / in_f ** 0.5).to(device, dtype), rnd(out_f).to(device, dtype)
+    A, B = (rnd(k, r, in_f) / in_f ** 0.5).to(device), rnd(k, out_f, r).to(device)
+    R = rnd(k, r, r).to(device) if variant == "xs" else None
+    for t in {"lora": [A, B], "ffa": [B], "xs": [R]}[variant]:
+        t.requires_grad_(True)
+    ids = torch.randint(0, k - 1, (xshape[0],), generator=g).to(device)     # client k-1 has no samples
+    scale = (torch.rand(k, generator=g) + 0.5).to(device)
+    gy = rnd(*xshape[:-1], out_f).to(device, dtype)
+    leaves = [t for t in (x, A, B, R) if t is not None and t.requires_grad]
+    y = _ops.lora_linear_multi(x, W, A, B, bias, client_ids=ids, scaling=scale, lora_R=R, dropout_p=p,
+                               backend=backend, seed=77)
+    got = [y, *torch.autograd.grad(y, leaves, gy)]
+    d64 = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (x, A, B, R)]
+    rows_per = x[0].numel() // in_f
+    ref, _ = reference.lora_linear_multi_forward(d64[0], W.double(), d64[1], d64[2], bias.double(), d64[3],
+                                                 row_clients=ids.repeat_interleave(rows_per),
+                                                 scaling=scale.double(), dropout_p=p, seed=77)
+    want = [ref, *torch.autograd.grad(ref, [t for t in d64 if t is not None and t.requires_grad], gy.double())]
+    err = max(rel_err(a, b) for a, b in zip(got, want))
+    shape = f"{variant} x={tuple(xshape)} out={out_f} r={r} k={k}" + (f" p={p}" if p else "")
+    return Row("lora_linear_multi", backend, device, str(dtype).replace("torch.", ""), shape, err, TOLERANCES[dtype])
+
+
 # per-sample backward: (variant, batch, T, in, out, r, dropout_p)
 PS_CASES = [
     ("lora", 3, 5, 33, 47, 3, 0.0),
@@ -182,6 +220,8 @@ def run_checks(progress: Optional[callable] = None) -> list[Row]:
     lora_pairs = pairs + [("hybrid", d) for b, d in pairs if b == "triton"]
     jobs = [(check_lora_linear, (b, d, dt, c)) for b, d in lora_pairs for dt in TOLERANCES for c in CASES]
     jobs += [(check_lora_per_sample, (b, d, dt, c)) for b, d in lora_pairs for dt in TOLERANCES for c in PS_CASES]
+    multi_pairs = [(b, d) for b, d in lora_pairs if b != "cuda"]    # the CUDA backend has no multi-client kernels
+    jobs += [(check_lora_linear_multi, (b, d, dt, c)) for b, d in multi_pairs for dt in TOLERANCES for c in MULTI_CASES]
     jobs += [(check_clip_reduce_noise, (b, d, pl)) for b, d in pairs for pl in (False, True)]
     jobs += [(check_fedex_merge, (b, d, dt)) for b, d in pairs for dt in TOLERANCES]
     jobs += [(check_privatize, (b, d, dt, m)) for b, d in pairs for dt in TOLERANCES

@@ -19,8 +19,8 @@ def test_check_passes_and_writes_json(tmp_path, capsys):
     assert "max rel. error" in text and "verdict" in text and "FAIL" not in text
     rows = json.loads(out.read_text())
     assert {r["backend"] for r in rows} >= {"torch"}
-    assert {r["op"] for r in rows} == {"lora_linear", "lora_linear_bwd_ps", "clip_reduce_noise", "fedex_merge",
-                                       "privatize"}
+    assert {r["op"] for r in rows} == {"lora_linear", "lora_linear_bwd_ps", "lora_linear_multi", "clip_reduce_noise",
+                                       "fedex_merge", "privatize"}
     assert all(r["verdict"] == "ok" and r["max_rel_err"] <= r["tolerance"] for r in rows)
 
 
