@@ -15,6 +15,7 @@ Each op has two faces here:
     lora_linear_bwd_ps    lora_linear_bwd_ps (DP-SGD)      lora_linear_per_sample_backward
     lora_linear_multi_fwd lora_linear_multi (public), lora_linear_multi_fwd   lora_linear_forward(segments=)
     lora_linear_multi_bwd lora_linear_multi_bwd (autograd) lora_linear_backward(segments=)
+    lora_linear_multi_bwd_ps lora_linear_multi_bwd_ps (per-client DP) lora_linear_per_sample_backward(segments=)
     grad_sample_norms     grad_sample_norms                grad_sample_norms
     clip_reduce_noise     clip_reduce_noise                clip_reduce_noise
     fedex_merge_          fedex_merge_                     fedex_merge_
@@ -261,6 +262,25 @@ def _(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, rows, seg, scaling, dr
     return _lora_grads_fake(needs, x, lora_A, lora_B, lora_R, bias)
 
 
+@torch.library.custom_op("lorafast::lora_linear_multi_bwd_ps", mutates_args=("ps_A", "ps_B", "ps_R"))
+def _lora_linear_multi_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                              lora_R: Optional[Tensor], h: Tensor, rows: Tensor, seg: Tensor, scaling: Tensor,
+                              dropout_p: float, seed: int, offset: int, need_x: bool, ps_A: Optional[Tensor],
+                              ps_B: Optional[Tensor], ps_R: Optional[Tensor], ps_scale: float,
+                              backend: str) -> Tensor:
+    dx = _backend.plan(backend, x.device).lora_linear_per_sample_backward(
+        _rows(grad_y), _rows(x), weight, lora_A, lora_B, lora_R, h, 1.0, dropout_p, seed, offset,
+        batch=x.shape[0], need_x=need_x, ps_A=ps_A, ps_B=ps_B, ps_R=ps_R, ps_scale=ps_scale,
+        segments=(rows, seg, scaling))
+    return dx.reshape(x.shape).contiguous() if dx is not None else x.new_empty((0,))
+
+
+@_lora_linear_multi_bwd_ps.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, lora_R, h, rows, seg, scaling, dropout_p, seed, offset, need_x,
+      ps_A, ps_B, ps_R, ps_scale, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,))
+
+
 def _multi_setup_context(ctx, inputs, output):
     x, weight, lora_A, lora_B, bias, lora_R, rows, seg, scaling, dropout_p, seed, offset, backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, lora_R, bias, output[1], rows, seg, scaling)
@@ -344,6 +364,23 @@ def lora_linear_multi_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Ten
                            shape=lora_shape(x, weight, lora_A[0]))
     return _lora_linear_multi_fwd(x, weight, lora_A, lora_B, bias, lora_R, rows, seg, scaling, float(dropout_p),
                                   int(seed), int(offset), name)
+
+
+def lora_linear_multi_bwd_ps(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                             lora_R: Optional[Tensor], h: Tensor, rows: Tensor, seg: Tensor, scaling: Tensor,
+                             dropout_p: float, seed: int, offset: int, need_x: bool, ps_A: Optional[Tensor] = None,
+                             ps_B: Optional[Tensor] = None, ps_R: Optional[Tensor] = None, ps_scale: float = 1.0,
+                             backend: Optional[str] = None) -> Optional[Tensor]:
+    """The backward of ``lora_linear_multi_fwd`` with per-sample gradients (per-client DP): adds
+    ps_scale × sample i's gradient of its own client's adapter into the fp32 buffers ps_A
+    (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained; N = x.shape[0]) and
+    returns dx (None unless ``need_x``). Pass the forward's backend."""
+    name = _backend.select("lora_linear_multi_bwd_ps", x.device, x.dtype, backend,
+                           shape=lora_shape(x, weight, lora_A[0]))
+    dx = _lora_linear_multi_bwd_ps(grad_y, x, weight, lora_A, lora_B, lora_R, h, rows, seg, scaling,
+                                   float(dropout_p), int(seed), int(offset), bool(need_x), ps_A, ps_B, ps_R,
+                                   float(ps_scale), name)
+    return dx if need_x else None
 
 
 def lora_linear_multi_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,

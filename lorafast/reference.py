@@ -270,6 +270,33 @@ def lora_linear_multi_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A
     return dx, cast(dA, lora_A), cast(dB, lora_B), cast(dR, lora_R) if lora_R is not None else None, dbias
 
 
+def lora_linear_multi_per_sample_grads(grad_y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                       lora_R: Optional[Tensor], h: Tensor, *, batch: int, row_clients: Tensor,
+                                       scaling: Tensor, dropout_p: float, seed: int, offset: int,
+                                       needs: tuple[bool, bool, bool]) -> tuple[Optional[Tensor], ...]:
+    """Each sample's gradient of its own client's adapter: (dA (N, r, in), dB (N, out, r),
+    dR (N, r, r)), sample i's that of ``lora_linear_per_sample_grads`` with client
+    c = row_clients[i·T]'s adapter (a sample's T rows share a client); None where not in ``needs``."""
+    acc = _acc_dtype(x)
+    in_f, out_f = x.shape[-1], grad_y.shape[-1]
+    T = x.numel() // in_f // max(batch, 1)
+    d = _dropped(x.reshape(-1, in_f).to(acc), dropout_p, seed, offset).reshape(batch, T, in_f)
+    G = grad_y.reshape(batch, T, out_f).to(acc)
+    H = h.to(acc).reshape(batch, T, -1)
+    out = [torch.zeros((batch, *t.shape[1:]), dtype=acc, device=x.device) if need and t is not None else None
+           for t, need in zip((lora_A, lora_B, lora_R), needs)]
+    sample_clients = row_clients.reshape(batch, T)[:, 0] if batch else row_clients[:0]
+    for c, idx in _client_rows(sample_clients, lora_A.shape[0]):
+        R = lora_R[c] if lora_R is not None else None
+        grads = lora_linear_per_sample_grads(G[idx], d[idx], lora_A[c], lora_B[c], R, H[idx], batch=idx.numel(),
+                                             scaling=scaling[c].to(acc), dropout_p=0.0, seed=0, offset=0,
+                                             needs=needs)
+        for buf, g in zip(out, grads):
+            if buf is not None and g is not None:
+                buf[idx] = g
+    return tuple(out)
+
+
 # ------------------------------------------------------------------ DP-SGD
 
 

@@ -14,6 +14,7 @@ optimizer's clipped running sum, so each pass is clipped with its own norms.
 """
 from __future__ import annotations
 
+import math
 import types
 from typing import Callable, Optional
 
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import _backend, _checks, _ops, _random
 from ..layers import LoRALinear
+from ..multi_lora import MultiLoRALinear
 
 ADAPTER_NAMES = ("lora_A", "lora_B", "lora_R")
 _STORE_ATTR = "_lorafast_grad_sample_store"
@@ -45,7 +47,7 @@ def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         if not p.requires_grad:
             continue
         _, mod, leaf = owner[id(p)]
-        ok = (isinstance(mod, LoRALinear) and leaf in ADAPTER_NAMES) or \
+        ok = (isinstance(mod, (LoRALinear, MultiLoRALinear)) and leaf in ADAPTER_NAMES) or \
              (isinstance(mod, nn.Linear) and leaf in ("weight", "bias"))
         if not ok:
             raise ValueError(
@@ -60,11 +62,15 @@ class GradSampleStore:
     """The per-sample gradient buffer of one private model, and its pass bookkeeping."""
 
     def __init__(self, params: list[nn.Parameter], *, loss_reduction: str,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, clients: int = 0):
         self.params = params
+        # with ``clients`` (per-client DP) every parameter is a (clients, ...) stack of which each
+        # sample's gradient fills only its own client's slice: its row holds that slice alone
+        self.clients = clients
+        self.sample_shapes = [tuple(p.shape[1:]) if clients else tuple(p.shape) for p in params]
         self.segments = [0]
-        for p in params:
-            self.segments.append(self.segments[-1] + p.numel())
+        for shape in self.sample_shapes:
+            self.segments.append(self.segments[-1] + math.prod(shape))
         self._col = {id(p): (a, b) for p, a, b in zip(params, self.segments[:-1], self.segments[1:])}
         self.loss_reduction = loss_reduction
         # set by the DPOptimizer that owns this store: clips a sealed pass into its running sum
@@ -78,25 +84,35 @@ class GradSampleStore:
         return self.segments[-1]
 
     def reset(self) -> None:
+        self.client_ids: Optional[Tensor] = None   # (N,) each sample's client, per-client DP
         self.buf: Optional[Tensor] = None     # (N, D) fp32 per-sample gradients
         self.sq: Optional[Tensor] = None      # (N, P) fp32 squared norms, once sealed
         self.batch: Optional[int] = None
         self.state = "idle"                   # "open" during a backward pass, then "sealed"
 
     def grad_scale(self, batch: int) -> float:
-        """Undo a mean over the batch: the loss of sample i is ℓᵢ, not ℓᵢ/N."""
-        return float(batch) if self.loss_reduction == "mean" else 1.0
+        """Undo a mean over the batch: the loss of sample i is ℓᵢ, not ℓᵢ/N (per client, ``_seal``
+        undoes each client's mean instead)."""
+        return float(batch) if self.loss_reduction == "mean" and not self.clients else 1.0
 
-    def views(self, batch: int, params: list[Optional[Tensor]], where: str) -> list[Optional[Tensor]]:
-        """(N, *p.shape) views of the buffer for the given parameters (None stays None)."""
+    def views(self, batch: int, params: list[Optional[Tensor]], where: str,
+              client_ids: Optional[Tensor] = None) -> list[Optional[Tensor]]:
+        """(N, *p.shape) views of the buffer for the given parameters (None stays None); per
+        client, (N, *p.shape[1:]) views and the batch's ``client_ids``."""
         self._open(batch, where)
+        if self.clients:
+            if self.client_ids is None:
+                self.client_ids = client_ids
+            elif client_ids is not self.client_ids and not torch.equal(client_ids, self.client_ids):
+                raise RuntimeError(f"{where}: its samples' clients differ from an earlier layer's in this backward "
+                                   "pass; every layer must see the same client_ids")
         out = []
         for p in params:
             if p is None or id(p) not in self._col:
                 out.append(None)
                 continue
             a, b = self._col[id(p)]
-            out.append(self.buf[:, a:b].view(batch, *p.shape))
+            out.append(self.buf[:, a:b].view(batch, *(p.shape[1:] if self.clients else p.shape)))
         return out
 
     def _open(self, batch: int, where: str) -> None:
@@ -109,12 +125,17 @@ class GradSampleStore:
             return
         if self.state == "sealed":
             self.fold(self)      # gradient accumulation: clip the previous pass with its own norms
+        self.client_ids = None
         self.buf = torch.zeros((batch, self.width), device=self.device, dtype=torch.float32)
         self.batch = batch
         self.state = "open"
         torch.autograd.Variable._execution_engine.queue_callback(self._seal)
 
     def _seal(self) -> None:
+        if self.clients and self.loss_reduction == "mean" and self.batch:
+            # the loss is Σ_c mean over client c's samples: undo each client's mean, ∇ℓᵢ = n_c(i) · ∇(ℓᵢ / n_c(i))
+            counts = torch.bincount(self.client_ids, minlength=self.clients).to(self.buf.dtype)
+            self.buf.mul_(counts[self.client_ids][:, None])
         self.sq = _ops.grad_sample_norms(self.buf, self.segments, self.backend)
         self.state = "sealed"
 
@@ -179,6 +200,55 @@ class _LinearPerSample(torch.autograd.Function):
         return dx, None, None, None
 
 
+class _MultiPerSample(torch.autograd.Function):
+    """MultiLoRALinear's forward; its backward writes each sample's gradient of its own
+    client's adapter to the store."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, lora_R, layer, store, client_ids, rows, seg, scale, seed, backend,
+                dropout_p):
+        y, h = _ops.lora_linear_multi_fwd(x, layer.base_weight, lora_A, lora_B, layer.bias, lora_R, rows, seg,
+                                          scale, dropout_p, seed, 0, backend)
+        ctx.save_for_backward(x, lora_A, lora_B, lora_R, h, rows, seg, scale)
+        ctx.layer, ctx.store, ctx.client_ids, ctx.seed = layer, store, client_ids, seed
+        ctx.backend, ctx.dropout_p = backend, dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, A, B, R, h, rows, seg, scale = ctx.saved_tensors
+        layer, store = ctx.layer, ctx.store
+        batch = x.shape[0]
+        params = [t if t is not None and t.requires_grad else None for t in (A, B, R)]
+        ps_A, ps_B, ps_R = store.views(batch, params, f"MultiLoRALinear({layer.in_features}, {layer.out_features})",
+                                       ctx.client_ids)
+        need_x = ctx.needs_input_grad[0]
+        dx = _ops.lora_linear_multi_bwd_ps(grad_y.contiguous(), x, layer.base_weight, A, B, R, h, rows, seg, scale,
+                                           ctx.dropout_p, ctx.seed, 0, need_x, ps_A, ps_B, ps_R,
+                                           store.grad_scale(batch), ctx.backend)
+        return (dx,) + (None,) * 12
+
+
+def _multi_forward(layer: MultiLoRALinear, x: Tensor, client_ids: Optional[Tensor] = None) -> Tensor:
+    store = getattr(layer, _STORE_ATTR)
+    where = f"MultiLoRALinear({layer.in_features}, {layer.out_features})"
+    _batch_of(x, where)
+    ids = client_ids if client_ids is not None else layer._client_ids
+    if ids is None:
+        raise ValueError(f"{where}: client_ids is required: pass layer(x, client_ids), or run the model inside "
+                         "`with lorafast.clients(model, client_ids):`")
+    p = layer.lora_dropout if layer.training else 0.0
+    _checks.check_lora_linear_multi(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.bias, layer.lora_R, ids,
+                                    layer.scaling, p)
+    seed = _random.next_seed() if p > 0.0 else 0
+    backend = _backend.select("lora_linear_multi_fwd", x.device, x.dtype, store.backend,
+                              shape=_ops.lora_shape(x, layer.base_weight, layer.lora_A[0]))
+    rows, seg = _ops.client_segments(ids, x.numel() // max(x.shape[0] * x.shape[-1], 1))
+    scale = _ops.client_scaling(layer.scaling, layer.clients, x.device)
+    return _MultiPerSample.apply(x, layer.lora_A, layer.lora_B, layer.lora_R, layer, store, ids, rows, seg, scale,
+                                 seed, backend, p)
+
+
 def _lora_forward(layer: LoRALinear, x: Tensor) -> Tensor:
     store = getattr(layer, _STORE_ATTR)
     where = f"LoRALinear({layer.in_features}, {layer.out_features})"
@@ -208,6 +278,8 @@ def attach(module: nn.Module, store: GradSampleStore) -> None:
     for mod in module.modules():
         if isinstance(mod, LoRALinear):
             fwd = _lora_forward
+        elif isinstance(mod, MultiLoRALinear):
+            fwd = _multi_forward
         elif isinstance(mod, nn.Linear) and any(id(p) in trainable for p in mod.parameters(recurse=False)):
             fwd = _linear_forward
         else:

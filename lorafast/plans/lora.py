@@ -32,15 +32,17 @@ def backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropou
 
 
 def per_sample_backward(passes, gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
-                        batch, need_x, ps_A, ps_B, ps_R, ps_scale):
+                        batch, need_x, ps_A, ps_B, ps_R, ps_scale, segments=None):
     """dx (None unless ``need_x``), and each sample's adapter gradients × ``ps_scale`` added into
     the fp32 views ps_A (N, r, in), ps_B (N, out, r), ps_R (N, r, r) (None where not trained):
-    reductions over each sample's T = M / N rows inside the same passes."""
+    reductions over each sample's T = M / N rows inside the same passes. With ``segments``
+    sample i's slot holds its gradient of its own client's adapter."""
     M, in_f = x2.shape
     if M == 0:
         return x2.new_zeros((0, in_f)) if need_x else None
     return passes(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
-                  need_x=need_x, dA=ps_A, dB=ps_B, dR=ps_R, db=None, grad_scale=ps_scale, rows_per_sample=M // batch)
+                  need_x=need_x, dA=ps_A, dB=ps_B, dR=ps_R, db=None, grad_scale=ps_scale, rows_per_sample=M // batch,
+                  segments=segments)
 
 
 def backward_functions(passes):

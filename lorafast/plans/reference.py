@@ -44,16 +44,23 @@ def lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dr
 
 
 def lora_linear_per_sample_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset, *,
-                                    batch, need_x, ps_A, ps_B, ps_R, ps_scale):
-    kw = dict(scaling=scaling, dropout_p=dropout_p, seed=seed, offset=offset)
+                                    batch, need_x, ps_A, ps_B, ps_R, ps_scale, segments=None):
+    kw = dict(dropout_p=dropout_p, seed=seed, offset=offset)
     dx = None
+    if segments is not None:
+        clients, scale = _row_clients(segments, x2.shape[0])
+        h_rows = torch.empty_like(h)
+        h_rows[segments[0]] = h
+        h, kw = h_rows, dict(kw, row_clients=clients, scaling=scale * scaling)
+        backward, per_sample = reference.lora_linear_multi_backward, reference.lora_linear_multi_per_sample_grads
+    else:
+        kw["scaling"] = scaling
+        backward, per_sample = reference.lora_linear_backward, reference.lora_linear_per_sample_grads
     if need_x:
-        dx = reference.lora_linear_backward(gy2, x2, weight, lora_A, lora_B, lora_R, h,
-                                            needs=(True, False, False, False, False), **kw)[0]
+        dx = backward(gy2, x2, weight, lora_A, lora_B, lora_R, h, needs=(True, False, False, False, False), **kw)[0]
     trained = (ps_A is not None, ps_B is not None, ps_R is not None)
     if batch > 0 and any(trained):
-        grads = reference.lora_linear_per_sample_grads(gy2, x2, lora_A, lora_B, lora_R, h, batch=batch,
-                                                       needs=trained, **kw)
+        grads = per_sample(gy2, x2, lora_A, lora_B, lora_R, h, batch=batch, needs=trained, **kw)
         for buf, g in zip((ps_A, ps_B, ps_R), grads):
             if buf is not None:
                 buf.add_(g.to(buf.dtype), alpha=ps_scale)

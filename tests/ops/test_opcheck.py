@@ -39,7 +39,7 @@ def _args(op: str, backend: str, variant: int):
             return (gy, x, W, A, B, Rm, b, h, 0.5, p, 17, 4, needs, backend)
         bufs = (torch.zeros(M, R, IN), torch.zeros(M, OUT, R), torch.zeros(M, R, R) if Rm is not None else None)
         return (gy, x, W, A, B, Rm, h, 0.5, p, 17, 4, M, True, *bufs, 0.25, backend)
-    if op in ("lora_linear_multi_fwd", "lora_linear_multi_bwd"):
+    if op.startswith("lora_linear_multi"):
         k = 3   # samples of clients 2 and 0 (client 1 has none)
         rows, seg = _ops.client_segments(torch.tensor([2, 0]), T)
         scale = torch.tensor([0.5, 1.0, 2.0])
@@ -49,9 +49,12 @@ def _args(op: str, backend: str, variant: int):
         if op == "lora_linear_multi_fwd":
             return (x, W, A, B, b, Rm, rows, seg, scale, p, 17, 4, backend)
         x, A, B, b, Rm = (t.detach() if t is not None else None for t in (x, A, B, b, Rm))
+        gy, h = torch.randn(M, T, OUT), torch.randn(M * T, R)
+        if op == "lora_linear_multi_bwd_ps":
+            bufs = (torch.zeros(M, R, IN), torch.zeros(M, OUT, R), torch.zeros(M, R, R) if Rm is not None else None)
+            return (gy, x, W, A, B, Rm, h, rows, seg, scale, p, 17, 4, True, *bufs, 0.25, backend)
         needs = [True, True, True, Rm is not None, True]
-        return (torch.randn(M, T, OUT), x, W, A, B, Rm, b, torch.randn(M * T, R), rows, seg, scale, p, 17, 4, needs,
-                backend)
+        return (gy, x, W, A, B, Rm, b, h, rows, seg, scale, p, 17, 4, needs, backend)
     segments = [0, 7, 20]
     g = torch.randn(5, segments[-1]) * 2
     if op == "grad_sample_norms":
