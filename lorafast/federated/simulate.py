@@ -9,6 +9,10 @@ gradient of its loss alone. One AdamW over the stacks equals k clients' own Adam
 state is per element), created afresh every round as each client's local training is. At
 the end of a round every layer is aggregated as the Flower strategy aggregates it
 (``federated.aggregate(layer)``) and the global adapter written back into all k slots.
+
+With ``dp=`` every client is its own DP-SGD run (``PrivacyEngine.make_private_clients``):
+its batches Poisson sampled from its data, its samples clipped within it, one noise draw
+per client per step, and its ε reported after each round.
 """
 from __future__ import annotations
 
@@ -114,6 +118,16 @@ class _Cycle:
             return next(self.it)
 
 
+DP_KEYS = {"noise_multiplier", "max_grad_norm", "delta", "noise_seed", "clipping", "accountant"}
+
+
+def _dp_config(dp) -> dict:
+    if not isinstance(dp, dict) or not {"noise_multiplier", "max_grad_norm"} <= set(dp) or set(dp) - DP_KEYS:
+        raise ValueError(f"dp must be a dict with noise_multiplier and max_grad_norm (and optionally delta, "
+                         f"noise_seed, clipping, accountant), got {dp!r}")
+    return {"delta": 1e-5, **dp}
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -138,7 +152,10 @@ def simulate(model: nn.Module, client_datasets: Sequence, *, rounds: int, local_
             default torch's) into dicts of tensors or (x, y) tuples of one shape across clients.
         method: "fedex", "fedavg", "ffa" or "flora" (``federated.aggregate`` on each layer).
         client_weights: k aggregation weights; default each client's dataset size.
-        dp: per-client differential privacy; not available yet (None).
+        dp: per-client DP-SGD, a dict: ``noise_multiplier`` and ``max_grad_norm`` (one value
+            or one per client), and optionally ``delta`` (1e-5, for the ε reported in each
+            round's "epsilon"), ``noise_seed``, ``clipping``, ``accountant``. Each client's
+            batches are then Poisson sampled with ``batch_size`` expected samples.
         batch_size: each client's samples per local step.
         lr, weight_decay: the clients' AdamW.
         loss_fn: ``loss_fn(model, batch) -> (n,)`` per-sample losses; default
@@ -171,56 +188,86 @@ def simulate(model: nn.Module, client_datasets: Sequence, *, rounds: int, local_
     check_count("batch_size", batch_size, minimum=1)
     check_choice("method", method, METHODS)
     check_positive("lr", lr)
-    if dp is not None:
-        raise NotImplementedError("simulate(dp=...): per-client differential privacy is not available yet; "
-                                  "run without dp")
+    dp = _dp_config(dp) if dp is not None else None
     device = layers[0].weight.device
-    p = _normalise(sizes if client_weights is None else client_weights, k, torch.device("cpu"))
-    weights = p.tolist()
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(k)]
-    streams = [_Cycle(DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate_fn))
-               for ds, g in zip(client_datasets, gens)]
-    params = [q for q in model.parameters() if q.requires_grad]
+    weights = _normalise(sizes if client_weights is None else client_weights, k, torch.device("cpu")).tolist()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay)
+    engine = None
+    if dp is not None:
+        from ..dp import PrivacyEngine
+        engine = PrivacyEngine(accountant=dp.get("accountant", "pld"))
+        model, opt, loader = engine.make_private_clients(
+            module=model, optimizer=opt, client_datasets=list(client_datasets), expected_batch_size=batch_size,
+            noise_multiplier=dp["noise_multiplier"], max_grad_norm=dp["max_grad_norm"],
+            clipping=dp.get("clipping", "flat"), steps=rounds * local_steps, collate_fn=collate_fn,
+            noise_seed=dp.get("noise_seed"), sampling_seed=seed)
+        private = iter(loader)
+        next_batch = lambda: next(private)  # noqa: E731
+    else:
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(k)]
+        streams = [_Cycle(DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate_fn))
+                   for ds, g in zip(client_datasets, gens)]
+        next_batch = lambda: _client_batches(streams)  # noqa: E731
     result = SimulationResult()
     model.train()
-    for t in range(1, rounds + 1):
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        totals = torch.zeros(k, dtype=torch.float64)
-        bar = _progress(local_steps, f"round {t}/{rounds}", progress)
-        for _ in range(local_steps):
-            batches = [s.next() for s in streams]
-            ids = torch.cat([torch.full((_size(b),), c, dtype=torch.int64) for c, b in enumerate(batches)])
-            batch, ids = _to(_concat(batches), device), ids.to(device)
-            fn = loss_fn or (causal_lm_loss if isinstance(batch, dict) else classification_loss)
-            with client_context(model, ids):
-                per = fn(model, batch)
-            counts = torch.bincount(ids, minlength=k).to(per.dtype)
-            client_loss = torch.zeros(k, dtype=per.dtype, device=device).index_add_(0, ids, per) / counts
-            client_loss.sum().backward()     # each client's slice: the gradient of its own mean loss
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            totals += client_loss.detach().double().cpu()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{client_loss.mean().item():.4f}")
-        if bar is not None:
-            bar.close()
-        for layer in layers:
-            aggregate(layer, method=method, client_weights=weights)
-        losses = (totals / local_steps).tolist()
-        row = {"round": t, "train_loss": float(sum(w * x for w, x in zip(weights, losses))), "client_loss": losses}
-        if eval_fn is not None:
-            model.eval()
-            with torch.no_grad():
-                row.update(eval_fn(model))
-            model.train()
-        if not all(math.isfinite(x) for x in losses):
-            raise FloatingPointError(f"round {t}: a client's loss is not finite ({losses}); lower lr")
-        result.rounds.append(row)
-        if not progress:
-            continue
-        print(f"round {t}/{rounds}: " + ", ".join(f"{key} {v:.4f}" for key, v in row.items()
-                                                  if isinstance(v, float)), file=sys.stderr)
+    try:
+        for t in range(1, rounds + 1):
+            bar = _progress(local_steps, f"round {t}/{rounds}", progress)
+            losses = _local_steps(model, k, opt, local_steps, next_batch, loss_fn, device, bar)
+            for layer in layers:
+                aggregate(layer, method=method, client_weights=weights)
+            row = {"round": t, "train_loss": float(sum(w * x for w, x in zip(weights, losses))),
+                   "client_loss": losses}
+            if engine is not None:
+                row["epsilon"] = engine.client_epsilons(dp["delta"])
+                row["max_epsilon"] = max(row["epsilon"])
+            if eval_fn is not None:
+                model.eval()
+                with torch.no_grad():
+                    row.update(eval_fn(model))
+                model.train()
+            if not all(math.isfinite(x) for x in losses):
+                raise FloatingPointError(f"round {t}: a client's loss is not finite ({losses}); lower lr")
+            result.rounds.append(row)
+            if progress:
+                print(f"round {t}/{rounds}: " + ", ".join(f"{key} {v:.4f}" for key, v in row.items()
+                                                          if isinstance(v, float)), file=sys.stderr)
+    finally:
+        if engine is not None:
+            from ..dp.grad_sample import detach
+            detach(model)
     if plot is not None:
         result.plot(plot)
     return result
+
+
+def _client_batches(streams):
+    """(batch, client_ids): one batch from each client's stream, in client order."""
+    batches = [s.next() for s in streams]
+    ids = torch.cat([torch.full((_size(b),), c, dtype=torch.int64) for c, b in enumerate(batches)])
+    return _concat(batches), ids
+
+
+def _local_steps(model, k, opt, steps, next_batch, loss_fn, device, bar) -> list[float]:
+    """A round's local steps from a fresh optimizer state (as a client's local training starts);
+    each client's mean loss over them."""
+    opt.state.clear()
+    totals = torch.zeros(k, dtype=torch.float64)
+    for _ in range(steps):
+        batch, ids = next_batch()
+        batch, ids = _to(batch, device), ids.to(device)
+        fn = loss_fn or (causal_lm_loss if isinstance(batch, dict) else classification_loss)
+        with client_context(model, ids):
+            per = fn(model, batch)
+        counts = torch.bincount(ids, minlength=k).to(per.dtype).clamp_min(1)
+        client_loss = torch.zeros(k, dtype=per.dtype, device=device).index_add_(0, ids, per) / counts
+        client_loss.sum().backward()     # each client's slice: the gradient of its own mean loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        totals += client_loss.detach().double().cpu()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{client_loss.mean().item():.4f}")
+    if bar is not None:
+        bar.close()
+    return (totals / steps).tolist()

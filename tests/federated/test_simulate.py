@@ -78,11 +78,26 @@ def test_training_lowers_the_loss_and_plots(tmp_path, capsys):
     assert "round 4/4" in capsys.readouterr().err
 
 
+def test_private_rounds_report_epsilon_per_client():
+    """dp=: each client its own DP-SGD run; ε per client grows with the rounds and with its
+    sampling rate (batch_size / its dataset size); the model is no longer private afterwards."""
+    fresh_seed()
+    m = model()
+    result = simulate(m, datasets((40, 20, 10)), rounds=2, local_steps=3, method="fedex", batch_size=2, lr=0.01,
+                      dp={"noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5, "noise_seed": 3},
+                      progress=False)
+    eps = [r["epsilon"] for r in result.rounds]
+    assert all(len(e) == K for e in eps)
+    assert all(a < b for a, b in zip(eps[0], eps[1]))
+    assert eps[1][0] < eps[1][1] < eps[1][2] and result.rounds[1]["max_epsilon"] == eps[1][2]
+    assert not any(hasattr(mod, "_lorafast_grad_sample_store") for mod in m.modules())
+
+
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(client_datasets=datasets()[:2]), ValueError, "list of 3 datasets"),
     (dict(rounds=0), ValueError, "rounds"),
     (dict(method="fedprox"), ValueError, "method must be one of"),
-    (dict(dp={"noise_multiplier": 1.0}), NotImplementedError, "per-client differential privacy"),
+    (dict(dp={"noise_multiplier": 1.0}), ValueError, "dp must be a dict with noise_multiplier and max_grad_norm"),
     (dict(client_datasets=[*datasets()[:2], TensorDataset(torch.zeros(0, IN), torch.zeros(0).long())]),
      ValueError, r"client_datasets\[2\] is empty"),
 ])
