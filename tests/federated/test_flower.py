@@ -21,17 +21,9 @@ from lorafast import LoRALinear  # noqa: E402
 from lorafast.integrations.flower import (  # noqa: E402
     BASE_VERSION_KEY, SYNC_KEY, FedExLoRA, adapter_arrays, apply_global_adapters, base_arrays, base_weights)
 from support.common import ROOT  # noqa: E402
+from support.flower_fakes import FakeGrid, server_identity  # noqa: E402,F401  (an autouse fixture)
 
 S = 2.0  # lora_alpha / r of the layers below
-
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """Messages take their run and sender from the running task; outside a run, pose as
-    a ServerApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 class Net(nn.Module):
@@ -45,16 +37,6 @@ class Net(nn.Module):
 
 
 LAYERS = ("q", "blocks.0")
-
-
-class FakeGrid:
-    """What FedAvg's node sampling needs from a Grid."""
-
-    def __init__(self, n):
-        self.nodes = list(range(101, 101 + n))
-
-    def get_node_ids(self):
-        return list(self.nodes)
 
 
 def make_net(seed=0):

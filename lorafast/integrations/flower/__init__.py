@@ -27,7 +27,10 @@ The parts, by job:
   frozen bases equal to its master copy, and what that costs in communication.
 
 Clients reply with one ArrayRecord (``adapter_arrays(model)``) and one MetricRecord
-holding ``"num-examples"`` and, to keep the base in sync, ``BASE_VERSION_KEY``.
+holding ``"num-examples"`` and, to keep the base in sync, ``BASE_VERSION_KEY``. A node
+may train many virtual clients at once in a model with MultiLoRALinear layers (one
+batched step for all of them) and reply ``virtual_client_reply(model, counts)``: the
+strategy aggregates it as that many clients.
 
 Server side::
 
@@ -46,11 +49,12 @@ from __future__ import annotations
 
 from ...federated import METHODS
 from .client import apply_global_adapters
-from .records import BASE_VERSION_KEY, SYNC_KEY, ArraysLike, adapter_arrays, base_arrays, base_weights  # noqa: F401
+from .records import (BASE_VERSION_KEY, SYNC_KEY, VIRTUAL_CLIENTS_KEY, ArraysLike, adapter_arrays,  # noqa: F401
+                      base_arrays, base_weights, virtual_client_reply)
 from .strategy import FedExLoRA
 
 __all__ = ["FedExLoRA", "apply_global_adapters", "adapter_arrays", "base_arrays", "base_weights",
-           "BASE_VERSION_KEY", "SYNC_KEY", "METHODS"]
+           "virtual_client_reply", "BASE_VERSION_KEY", "SYNC_KEY", "VIRTUAL_CLIENTS_KEY", "METHODS"]
 
 # Names that the single-module ``flower.py`` this package replaced had at module level
 # (its imports), kept importable from here for code that took them from it.

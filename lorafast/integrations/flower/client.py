@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ... import _ops
 from ...layers import LoRALinear
+from ...multi_lora import MultiLoRALinear
 from .records import (BASE_VERSION_KEY, LAYER_SUFFIXES, RESIDUAL_SUFFIXES, ArraysLike, lora_layers, split_key,
                       to_tensor)
 
@@ -23,7 +24,8 @@ def apply_global_adapters(model: nn.Module, arrays: ArraysLike, *, base_version:
     """Load what the server sent into ``model`` and return the base version it now holds.
 
     For each LoRALinear layer ``P`` of ``model``: ``P.lora_A``/``P.lora_B`` (and
-    ``P.lora_R``) are copied into its adapters, ``P.weight`` into its base weight, and
+    ``P.lora_R``) are copied into its adapters (into every client's slot of a
+    MultiLoRALinear: a node of virtual clients), ``P.weight`` into its base weight, and
     ``P.residual_U``/``P.residual_V`` are added to the base, ``W ← W + U V`` with the
     product and the sum in fp32 and the result cast to W's dtype (the server's own
     merge, ``lorafast``'s automatic backend for it, so an fp32 base stays bit-equal to
@@ -78,9 +80,11 @@ def _plan(model: nn.Module, layers: dict[str, LoRALinear], tensors: dict[str, Te
             target = layer.base_weight if suffix == ".weight" else getattr(layer, suffix[1:])
         if target is None:
             raise ValueError(f"arrays[{key!r}] matches no LoRALinear adapter, base weight or parameter of model")
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"arrays[{key!r}] has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
-        copies.append((target, value))
+        stacked = isinstance(layer, MultiLoRALinear) and suffix != ".weight"   # the global adapter, in every slot
+        want = tuple(target.shape[1:]) if stacked else tuple(target.shape)
+        if tuple(value.shape) != want:
+            raise ValueError(f"arrays[{key!r}] has shape {tuple(value.shape)}, model expects {want}")
+        copies.append((target, value.expand(target.shape) if stacked else value))
     return copies, residuals
 
 

@@ -46,13 +46,14 @@ from torch import Tensor
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
 from ... import _ops
 from ..._checks import check_choice, check_count, check_finite, check_fraction, check_nonnegative
 from ...federated import METHODS, aggregate
-from .records import (ADAPTER_SUFFIXES, BASE_SUFFIXES, BASE_VERSION_KEY, ArraysLike, split_key, to_array, to_tensor,
-                      version_array)
+from .records import (ADAPTER_SUFFIXES, BASE_SUFFIXES, BASE_VERSION_KEY, VIRTUAL_CLIENTS_KEY, ArraysLike, split_key,
+                      to_array, to_tensor, version_array)
 
 __all__ = ["FedExLoRA"]
 
@@ -61,6 +62,42 @@ __all__ = ["FedExLoRA"]
 LEGACY_BASE_VERSION_KEY = "lorafast.base-version"
 _VERSION_KEYS = (BASE_VERSION_KEY, LEGACY_BASE_VERSION_KEY)
 _BASE_CHANGING = ("fedex", "flora")
+
+
+def _virtual_clients(content: RecordDict, weighted_by_key: str) -> list[RecordDict]:
+    """A reply as the replies of its clients: itself, or for a node of m virtual clients
+    (``VIRTUAL_CLIENTS_KEY`` = m, records.virtual_client_reply) m replies, the j-th with
+    slice j of every stacked adapter and entry j of every list metric."""
+    metrics = list(content.metric_records.values())
+    if len(metrics) != 1 or VIRTUAL_CLIENTS_KEY not in metrics[0]:
+        return [content]
+    metrics = metrics[0]
+    m = metrics[VIRTUAL_CLIENTS_KEY]
+    arrays = list(content.array_records.values())
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1 or len(arrays) != 1:
+        raise ValueError(f"a virtual-client reply needs {VIRTUAL_CLIENTS_KEY} >= 1 and one ArrayRecord, got {m!r} "
+                         f"and {len(arrays)}")
+    stacks = {}
+    for key, value in arrays[0].items():
+        if not split_key(key, ADAPTER_SUFFIXES + (".lora_R",)):
+            raise ValueError(f"a virtual-client reply carries only the clients' adapters; {key!r} is not one")
+        stacks[key] = value.numpy()
+        if stacks[key].ndim != 3 or stacks[key].shape[0] != m:
+            raise ValueError(f"a reply of {m} virtual clients must stack {key!r} as ({m}, ·, ·), got "
+                             f"{stacks[key].shape}")
+    per_client = {}
+    for key, value in metrics.items():
+        if key == VIRTUAL_CLIENTS_KEY:
+            continue
+        if isinstance(value, list) and len(value) != m:
+            raise ValueError(f"a reply of {m} virtual clients has {len(value)} values of {key!r}")
+        per_client[key] = value
+    if not isinstance(per_client.get(weighted_by_key), list):
+        raise ValueError(f"a reply of {m} virtual clients must give {weighted_by_key!r} as a list of {m} counts")
+    return [RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v[j])) for k, v in stacks.items()}),
+                        "metrics": MetricRecord({k: v[j] if isinstance(v, list) else v
+                                                 for k, v in per_client.items()})})
+            for j in range(m)]
 
 
 def _factors_pay(rank: int, shape) -> bool:
@@ -311,10 +348,13 @@ class FedExLoRA(FedAvg):
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         replies = list(replies)
         self.note_replies(replies)
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        # validated below, once a node's virtual clients are replies of their own
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
             return None, None
-        contents = [msg.content for msg in valid]
+        contents = [c for msg in valid for c in _virtual_clients(msg.content, self.weighted_by_key)]
+        validate_message_reply_consistency(replies=contents, weighted_by_key=self.weighted_by_key,
+                                           check_arrayrecord=True)
         raw = [next(iter(c.metric_records.values()))[self.weighted_by_key] for c in contents]
         try:
             weights = [check_nonnegative(self.weighted_by_key, w) for w in raw]
