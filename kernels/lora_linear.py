@@ -259,12 +259,12 @@ def _lora_gemm_kernel(
     for r0 in range(0, r, R_CHUNK):
         c_ok = r0 + rc < r
         ht = tl.load(H + rm_l[:, None] * stride_hm + (r0 + rc)[None, :] * stride_hr, mask=c_ok[None, :], other=0.0)
-        u_ptrs = U + (r0 + rc)[:, None] * stride_ur + rn_l[None, :] * stride_un
-        if SEG_SCALE:
-            ht = ht * srow[:, None]
-        if not DROPOUT:
-            ht = ht * scale   # into the accumulator: no second (BM, BN) fp32 tile in registers
         if SEGMENTED:   # each client's U on its own rows
+            if SEG_SCALE:
+                ht = ht * srow[:, None]
+            if not DROPOUT:
+                ht = ht * scale
+            u_ptrs = U + (r0 + rc)[:, None] * stride_ur + rn_l[None, :] * stride_un
             for g in range(g_lo, g_hi + 1):
                 ut = tl.load(u_ptrs + tl.cast(g, tl.int64) * stride_us, mask=c_ok[:, None], other=0.0)
                 hg = tl.where((seg == g)[:, None], ht, 0.0)
@@ -273,19 +273,24 @@ def _lora_gemm_kernel(
                 else:
                     acc = tl.dot(hg, ut.to(tl.float32), acc, input_precision=LOW_PREC)
         else:
-            ut = tl.load(u_ptrs, mask=c_ok[:, None], other=0.0)
+            ut = tl.load(U + (r0 + rc)[:, None] * stride_ur + rn_l[None, :] * stride_un, mask=c_ok[:, None],
+                         other=0.0)
             if DROPOUT:
                 low = tl.dot(ht, ut.to(tl.float32), low, input_precision=LOW_PREC)
             else:
-                acc = tl.dot(ht, ut.to(tl.float32), acc, input_precision=LOW_PREC)
-    if DROPOUT:
-        keep = dropout_keep(seed, offset, xrow, pid_n * BN, N, p, BN)   # the mask of Y's row
+                # into the accumulator: no second (BM, BN) fp32 tile in registers
+                acc = tl.dot(ht * scale, ut.to(tl.float32), acc, input_precision=LOW_PREC)
+    if DROPOUT:   # the mask of Y's row
+        keep = dropout_keep(seed, offset, xrow if SEGMENTED else rm, pid_n * BN, N, p, BN)
         acc += tl.where(keep, low * (scale * inv_keep), 0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn_l).to(tl.float32)[None, :]
     if INTERP_BF16:
         acc = rtne_bf16_bits(acc)
-    y_ptrs = Y + xrow[:, None] * stride_ym + rn[None, :] * stride_yn
+    if SEGMENTED:
+        y_ptrs = Y + xrow[:, None] * stride_ym + rn[None, :] * stride_yn
+    else:
+        y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
