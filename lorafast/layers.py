@@ -53,12 +53,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive integer, got {r!r}")
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        check_layer_args(in_features, out_features, variant, lora_dropout)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
         self.variant, self.use_rslora = variant, use_rslora
@@ -164,6 +159,16 @@ class LoRALinear(nn.Module):
                 f"lora_alpha={self.lora_alpha}, variant={self.variant!r}, scaling={self.scaling:g}, "
                 f"lora_dropout={self.lora_dropout}, bias={self.bias is not None}"
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + (", merged=True" if self.merged else ""))
+
+
+def check_layer_args(in_features: int, out_features: int, variant: str, lora_dropout: float) -> None:
+    """The arguments an adapter layer (LoRALinear, MultiLoRALinear) shares, each refused by name."""
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
 def draw_adapters(in_features: int, out_features: int, r: int, with_R: bool, seed: int):

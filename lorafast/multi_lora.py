@@ -16,7 +16,7 @@ from torch import nn
 
 from ._checks import check_client_ids, check_seed
 from ._ops import lora_linear_multi
-from .layers import VARIANTS, LoRALinear, _seed_from_torch, base_parameters, draw_adapters
+from .layers import LoRALinear, _seed_from_torch, base_parameters, check_layer_args, draw_adapters
 
 
 def _ranks(r, clients: int) -> list[int]:
@@ -58,12 +58,7 @@ class MultiLoRALinear(nn.Module):
                  fan_in_fan_out: bool = False):
         super().__init__()
         self.ranks = _ranks(r, clients)
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        check_layer_args(in_features, out_features, variant, lora_dropout)
         self.in_features, self.out_features, self.clients = in_features, out_features, clients
         self.r, self.lora_alpha, self.lora_dropout = max(self.ranks), lora_alpha, float(lora_dropout)
         self.variant, self.use_rslora, self.fan_in_fan_out = variant, use_rslora, bool(fan_in_fan_out)

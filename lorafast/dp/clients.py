@@ -141,11 +141,7 @@ class ClientDPOptimizer(DPOptimizer):
 
     def pre_step(self) -> None:
         store = self.store
-        if store.state == "open":
-            raise RuntimeError("optimizer.step() was called while a backward pass was still running")
-        if store.state == "idle" and self._summed_clients is None:
-            raise RuntimeError("optimizer.step() was called with no backward pass since the last step: "
-                               "call loss.backward() first (an empty Poisson batch still needs one)")
+        self._check_ready(self._summed_clients is not None)
         if store.state == "sealed":
             self._count_nonfinite(store.sq)
             rows = self._client_rows(store) if store.batch else [None] * self.clients

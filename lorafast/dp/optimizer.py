@@ -110,13 +110,18 @@ class DPOptimizer(Optimizer):
             store.buf, store.sq, store.segments, self._bounds, self.per_layer, self._summed, None,
             0.0, 0, 0, 1.0, self.store.backend)
 
-    def _private_grad(self) -> Tensor:
+    def _check_ready(self, accumulated: bool) -> None:
+        """A step needs a finished backward pass since the last one (or an accumulated one)."""
         store = self.store
         if store.state == "open":
             raise RuntimeError("optimizer.step() was called while a backward pass was still running")
-        if store.state == "idle" and self._summed is None:
+        if store.state == "idle" and not accumulated:
             raise RuntimeError("optimizer.step() was called with no backward pass since the last step: "
                                "call loss.backward() first (an empty Poisson batch still needs one)")
+
+    def _private_grad(self) -> Tensor:
+        store = self.store
+        self._check_ready(self._summed is not None)
         if store.state == "sealed":
             buf, sq = store.buf, store.sq
             self._count_nonfinite(sq)
