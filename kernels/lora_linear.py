@@ -15,6 +15,10 @@ Two kernels serve forward and backward (variants are flags, not copies):
 forward and backward (and the "hybrid" plan, whose base products come from torch.mm).
 Work for gradients that are not needed is skipped by flags.
 
+W_QUANT (a bitsandbytes-quantised base, QLoRA's fused path): W is a packed 4-bit or int8
+weight (lorafast.reference.QuantWeight) that the GEMM's main loop decodes tile by tile
+(kernels/quant.py), so no dequantised copy of it is ever written.
+
 SEGMENTED (many clients' adapters over one base, ``lora_linear_multi``): the kernels walk
 the rows in client order, position p being row ROWS[p] of X / Y (gathered and scattered in
 place: no sorted copy) and belonging to client SEG[p] (sorted). Every rank-r operand (P, Q,
@@ -25,7 +29,7 @@ on that client's rows only. H and OUT stay in client order.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -33,6 +37,7 @@ import triton.language as tl
 
 from .common import grouped_tile, interpreted, rtne_bf16_bits, sm_count, smem_limit  # noqa: F401
 from .philox import dropout_keep
+from .quant import dequant_values, needs_int64, quant_args
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -205,10 +210,12 @@ def _lora_gemm_kernel(
     H, stride_hm, stride_hr,
     U, stride_us, stride_ur, stride_un,
     BIAS, Y, stride_ym, stride_yn, ROWS, SEG, SCALE,
+    QABS, QCODE, QABS2, QCODE2, QOFFSET, q_block, q_block2,
     M, N, K, r, scale, seed, offset, p, inv_keep, M_BUCKET,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     BASE_IN_Y: tl.constexpr, SEGMENTED: tl.constexpr, SEG_SCALE: tl.constexpr, INTERP_BF16: tl.constexpr,
-    PREC: tl.constexpr, LOW_PREC: tl.constexpr,
+    PREC: tl.constexpr, LOW_PREC: tl.constexpr, W_QUANT: tl.constexpr, W_NESTED: tl.constexpr,
+    W_INT64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -235,20 +242,33 @@ def _lora_gemm_kernel(
         rk = tl.arange(0, BK)
         rk_l = rk.to(tl.int64)
         x_ptrs = X + xrow[:, None] * stride_xm + rk_l[None, :] * stride_xk
-        w_ptrs = W + rk_l[:, None] * stride_wk + rn_l.to(tl.int64)[None, :] * stride_wn
+        if W_QUANT:   # W is a quantised (out, in) weight: element offsets into its flat layout,
+            # int32 unless the weight has 2³¹ elements (each tile's decode costs registers per element)
+            if W_INT64:
+                w_off = rk_l[:, None] * stride_wk + rn_l.to(tl.int64)[None, :] * stride_wn
+            else:
+                w_off = rk[:, None] * stride_wk + rn_l[None, :] * stride_wn
+        else:
+            w_ptrs = W + rk_l[:, None] * stride_wk + rn_l.to(tl.int64)[None, :] * stride_wn
         x_step = stride_xk * tl.full((), BK, tl.int64)
         w_step = stride_wk * tl.full((), BK, tl.int64)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kt in range(0, tl.cdiv(K, BK)):
             k_left = K - kt * BK
             a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            if W_QUANT:   # the tile decoded in fp32 and rounded to x's dtype, as the scratch path rounds it
+                b = dequant_values(w_off, rk[:, None] < k_left, W, QABS, QCODE, QABS2, QCODE2, QOFFSET, q_block,
+                                   q_block2, W_QUANT, W_NESTED)
+                b = rtne_bf16_bits(b) if INTERP_BF16 else b.to(X.dtype.element_ty)
+                w_off += BK * stride_wk
+            else:
+                b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+                w_ptrs += w_step
             if INTERP_BF16:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PREC)
             x_ptrs += x_step
-            w_ptrs += w_step
 
     # rank-r epilogue, s · H U in fp32, R_CHUNK ranks at a time: only (BM, R_CHUNK) of H and
     # (R_CHUNK, BN) of U are live at once, whatever the rank
@@ -305,13 +325,29 @@ def _gemm_configs():
     return cfgs
 
 
+def _quant_gemm_configs():
+    # a decoded weight tile costs far more than its packed bytes in the pipeline (codes, scales
+    # and the decoded values are staged): smaller tiles and fewer stages than _gemm_configs; none
+    # spills on sm_90a, a few spill tens of bytes on sm_80 (the compile check's tables)
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+            for bm, bn, bk, warps, stages in [(128, 128, 64, 8, 2), (128, 64, 32, 4, 3), (64, 128, 64, 8, 2),
+                                              (64, 64, 64, 4, 2), (64, 64, 32, 4, 3)]]
+
+
+# shared-memory bytes one pipeline stage spends per element of the weight tile, by W_QUANT
+# (what Triton 3.9 allocates for the decode, measured by the compile check, rounded up)
+_W_STAGE_BYTES = {4: 9, 8: 5}
+
+
 def _fits(cfg, named_args) -> bool:
     """Whether a config can run this launch: its pipelined operand tiles fit in shared memory
-    (stages × (BM + BN) × BK elements), and with dropout, whose rank-r term needs a second
-    (BM, BN) fp32 tile, it keeps that tile within the register file (≤ 64 fp32 per thread)."""
+    (stages × (BM + BN) × BK elements; a quantised weight's tile costs _W_STAGE_BYTES per
+    element), and with dropout, whose rank-r term needs a second (BM, BN) fp32 tile, it keeps
+    that tile within the register file (≤ 64 fp32 per thread)."""
     kw = cfg.kwargs
     x = named_args["X"]
-    tiles = cfg.num_stages * (kw["BM"] + kw["BN"]) * kw["BK"] * x.element_size()
+    w_bytes = _W_STAGE_BYTES.get(named_args.get("W_QUANT", 0), x.element_size())
+    tiles = cfg.num_stages * (kw["BM"] * x.element_size() + kw["BN"] * w_bytes) * kw["BK"]
     if tiles > smem_limit(x.device):
         return False
     if named_args.get("DROPOUT") and kw["BM"] * kw["BN"] > 64 * 32 * cfg.num_warps:
@@ -340,10 +376,11 @@ def _autotune(configs, key, **kw):
     return cached_autotune(configs=configs, key=key, **kw)
 
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT", "SEGMENTED", "PREC", "LOW_PREC"]
+_GEMM_KEY = ["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT", "SEGMENTED", "PREC", "LOW_PREC", "W_QUANT"]
 _PRUNE = {"early_config_prune": _prune_gemm}
 _lora_gemm_tuned = _autotune(_gemm_configs(), _GEMM_KEY, prune_configs_by=_PRUNE)(_lora_gemm_kernel)
 _lora_update_tuned = _autotune(_update_configs(), _GEMM_KEY, prune_configs_by=_PRUNE)(_lora_gemm_kernel)
+_lora_gemm_q_tuned = _autotune(_quant_gemm_configs(), _GEMM_KEY, prune_configs_by=_PRUNE)(_lora_gemm_kernel)
 
 
 def m_bucket(M: int) -> int:
@@ -359,6 +396,27 @@ def m_bucket(M: int) -> int:
 # ---------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------
+
+
+class QuantOperand(NamedTuple):
+    """A quantised (out, in) weight (lorafast.reference.QuantWeight) as the GEMM's (K, N) right
+    operand: Wᵀ (K = in, N = out) for the forward's x·Wᵀ, or W itself (K = out, N = in) for
+    the backward's dY·W. ``stride`` is in elements of the decoded matrix."""
+    qw: object
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out_f, in_f = self.qw.shape
+        return (in_f, out_f) if self.transposed else (out_f, in_f)
+
+    def stride(self, dim: int) -> int:
+        in_f = self.qw.shape[1]
+        return ((1, in_f) if self.transposed else (in_f, 1))[dim]
+
+    @property
+    def T(self) -> "QuantOperand":
+        return QuantOperand(self.qw, not self.transposed)
 
 
 def _r_pad(r: int) -> int:
@@ -464,9 +522,15 @@ def gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offse
     With ``blas`` the base product X·W is torch.mm's (cuBLAS on a GPU, honouring
     ``allow_tf32``), written into Y, and one pass over Y adds the rank-r term and the bias.
     With ``segments`` (``_segment_args``) U is a (clients, r, N) stack, H is in client order
-    and each row's term takes its client's U (and scale)."""
+    and each row's term takes its client's U (and scale). W may be a ``QuantOperand`` (a
+    quantised weight, decoded tile by tile in the main loop; not with ``blas``)."""
     M, K = X.shape
     N = W.shape[1]
+    quant = isinstance(W, QuantOperand)
+    if quant and blas:
+        raise ValueError("a quantised W is decoded inside the Triton GEMM: it cannot go through torch.mm")
+    (WQ, *q_tensors, q_block, q_block2), (q_kind, q_nested) = \
+        quant_args(W.qw, Y) if quant else ((W, Y, Y, Y, Y, Y, 1, 1), (0, False))
     r_pad = _r_pad(r)
     prec = _dot_precision(X.dtype)
     interp = interpreted()
@@ -477,20 +541,22 @@ def gemm(X, W, *, H, U, Y, r, scale=1.0, bias=None, dropout_p=0.0, seed=0, offse
     ROWS, SEG, SCALE, segmented, seg_scale = _segment_args(segments, Y)
     args = (
         X, X.stride(0), X.stride(1),
-        W, W.stride(0), W.stride(1),
+        WQ, W.stride(0), W.stride(1),
         H, H.stride(0), H.stride(1),
         U, *_strides3(U),
         bias if bias is not None else Y, Y, Y.stride(0), Y.stride(1), ROWS, SEG, SCALE,
+        *q_tensors, q_block, q_block2,
         M, N, 0 if blas else K, r, float(scale), int(seed), int(offset), float(dropout_p), 1.0 / (1.0 - dropout_p),
         m_bucket(M),
     )
     flags = dict(R_PAD=r_pad, R_CHUNK=min(r_pad, 32), HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
                  BASE_IN_Y=blas, SEGMENTED=segmented, SEG_SCALE=seg_scale, INTERP_BF16=interp_bf16,
-                 PREC="ieee" if interp_bf16 else prec, LOW_PREC=prec)
+                 PREC="ieee" if interp_bf16 else prec, LOW_PREC=prec, W_QUANT=q_kind, W_NESTED=q_nested,
+                 W_INT64=quant and needs_int64(W.qw, 256 * max(W.qw.shape)))
     if interp:
         grid = (triton.cdiv(M, 16) * triton.cdiv(N, 32),)
         _lora_gemm_kernel[grid](*args, **flags, BM=16, BN=32, BK=32, GROUP_M=4)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-        (_lora_update_tuned if blas else _lora_gemm_tuned)[grid](*args, **flags)
+        (_lora_update_tuned if blas else _lora_gemm_q_tuned if quant else _lora_gemm_tuned)[grid](*args, **flags)

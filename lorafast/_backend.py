@@ -35,9 +35,11 @@ PLANS = {"torch": "lorafast.plans.reference", "triton": "lorafast.plans.triton",
 BACKENDS = tuple(PLANS)
 # the registered ops (lorafast::<name>), by the names select takes
 OPS = ("lora_linear_fwd", "lora_linear_bwd", "lora_linear_bwd_ps", "lora_linear_multi_fwd", "lora_linear_multi_bwd",
-       "lora_linear_multi_bwd_ps", "grad_sample_norms", "clip_reduce_noise", "fedex_merge_", "privatize")
+       "lora_linear_multi_bwd_ps", "grad_sample_norms", "clip_reduce_noise", "fedex_merge_", "privatize",
+       "dequantize_", "lora_linear_q_fwd", "lora_linear_q_bwd")
 LORA_LINEAR_OPS = frozenset({"lora_linear_fwd", "lora_linear_bwd", "lora_linear_bwd_ps", "lora_linear_multi_fwd",
-                             "lora_linear_multi_bwd", "lora_linear_multi_bwd_ps"})
+                             "lora_linear_multi_bwd", "lora_linear_multi_bwd_ps", "lora_linear_q_fwd",
+                             "lora_linear_q_bwd"})
 BASE_GEMM_OPS = LORA_LINEAR_OPS   # the ops with base GEMMs for "hybrid" to hand to cuBLAS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _override: Optional[str] = None

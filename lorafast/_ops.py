@@ -20,6 +20,9 @@ Each op has two faces here:
     clip_reduce_noise     clip_reduce_noise                clip_reduce_noise
     fedex_merge_          fedex_merge_                     fedex_merge_
     privatize             privatize                        privatize
+    dequantize_           dequantize_ (QLoRA)              dequantize_
+    lora_linear_q_fwd     lora_linear_q (QLoRA), lora_linear_q_fwd   dequantize_ + lora_linear_forward
+    lora_linear_q_bwd     (autograd)                       dequantize_ + lora_linear_backward
 """
 from __future__ import annotations
 
@@ -393,6 +396,198 @@ def lora_linear_multi_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Ten
                            shape=lora_shape(x, weight, lora_A[0]))
     return _lora_linear_multi_bwd(grad_y, x, weight, lora_A, lora_B, lora_R, bias, h, rows, seg, scaling,
                                   float(dropout_p), int(seed), int(offset), [bool(n) for n in needs], name)
+
+
+# ------------------------------------------------------------------ quantised base weights (QLoRA)
+
+
+def _qw(qdata, absmax, code, absmax2, code2, qoffset, qmeta) -> reference.QuantWeight:
+    """The QuantWeight that the ops' flat arguments spell: qmeta = [kind, blocksize, blocksize2, out, in]."""
+    kind, block, block2, out_f, in_f = (int(v) for v in qmeta)
+    return reference.QuantWeight(qdata, absmax, code, absmax2, code2, qoffset, kind, block, block2, (out_f, in_f))
+
+
+def quant_args(qw: reference.QuantWeight) -> tuple:
+    """The ops' flat arguments (qdata, absmax, code, absmax2, code2, qoffset, qmeta) of ``qw``."""
+    return (qw.data, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset,
+            [qw.kind, qw.blocksize, qw.blocksize2, *qw.shape])
+
+
+@torch.library.custom_op("lorafast::dequantize_", mutates_args=("out",))
+def _dequantize_(qdata: Tensor, absmax: Tensor, code: Optional[Tensor], absmax2: Optional[Tensor],
+                 code2: Optional[Tensor], qoffset: Optional[Tensor], qmeta: list[int], out: Tensor,
+                 backend: str) -> None:
+    _backend.plan(backend, out.device).dequantize_(_qw(qdata, absmax, code, absmax2, code2, qoffset, qmeta), out)
+
+
+@_dequantize_.register_fake
+def _(qdata, absmax, code, absmax2, code2, qoffset, qmeta, out, backend):
+    return None
+
+
+def dequantize_(qw: reference.QuantWeight, out: Tensor, backend: Optional[str] = None) -> Tensor:
+    """Write the (out, in) weight that ``qw`` encodes into the contiguous ``out`` (fp32, fp16 or
+    bf16), decoded in fp32 and rounded once (``reference.dequantize``). Returns ``out``."""
+    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(qw.shape) or not out.is_contiguous() \
+            or out.dtype not in _backend.KERNEL_DTYPES or out.device != qw.data.device:
+        raise ValueError(f"out must be a contiguous fp32, fp16 or bf16 tensor of the weight's shape {tuple(qw.shape)} "
+                         f"on {qw.data.device}, got "
+                         + (f"{tuple(out.shape)} {out.dtype} on {out.device}"
+                            + ("" if out.is_contiguous() else ", not contiguous") if isinstance(out, Tensor)
+                            else type(out).__name__))
+    name = _backend.select("dequantize_", out.device, out.dtype, backend)
+    _dequantize_(*quant_args(qw), out, name)
+    return out
+
+
+def _dense(qw, dtype, device, correction, backend: str) -> Tensor:
+    """qw dequantised into the shared scratch buffer, plus the FedEx correction U V if any."""
+    from . import quant
+    w = quant.scratch(qw.shape, device, dtype)
+    plan = _backend.plan(backend, device)
+    plan.dequantize_(qw, w)
+    if correction[0] is not None:
+        plan.fedex_merge_(w, correction[0], correction[1], None)
+    return w
+
+
+def _q_weight(qw, x, correction, fused: bool, backend: str, need: bool = True):
+    """What the LoRA plans take as the weight: the fused GEMM's QuantOperand, the scratch
+    buffer, or (``need`` False: the backward without dx reads only its shape) a stand-in."""
+    if not need:
+        return x.new_empty(()).expand(qw.shape)
+    if fused:
+        from .kernels.lora_linear import QuantOperand
+        return QuantOperand(qw, False)
+    return _dense(qw, x.dtype, x.device, correction, backend)
+
+
+@torch.library.custom_op("lorafast::lora_linear_q_fwd", mutates_args=())
+def _lora_linear_q_fwd(x: Tensor, qdata: Tensor, absmax: Tensor, code: Optional[Tensor], absmax2: Optional[Tensor],
+                       code2: Optional[Tensor], qoffset: Optional[Tensor], qmeta: list[int], lora_A: Tensor,
+                       lora_B: Tensor, bias: Optional[Tensor], lora_R: Optional[Tensor], corr_U: Optional[Tensor],
+                       corr_V: Optional[Tensor], scaling: float, dropout_p: float, seed: int, offset: int,
+                       fused: bool, backend: str) -> tuple[Tensor, Tensor]:
+    qw = _qw(qdata, absmax, code, absmax2, code2, qoffset, qmeta)
+    w = _q_weight(qw, x, (corr_U, corr_V), fused, backend)
+    y, h = _backend.plan(backend, x.device).lora_linear_forward(_rows(x), w, lora_A, lora_B, bias, lora_R, scaling,
+                                                                 dropout_p, seed, offset)
+    return y.reshape(*x.shape[:-1], qw.shape[0]), h
+
+
+@_lora_linear_q_fwd.register_fake
+def _(x, qdata, absmax, code, absmax2, code2, qoffset, qmeta, lora_A, lora_B, bias, lora_R, corr_U, corr_V,
+      scaling, dropout_p, seed, offset, fused, backend):
+    return (x.new_empty((*x.shape[:-1], qmeta[3])),
+            x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("lorafast::lora_linear_q_bwd", mutates_args=())
+def _lora_linear_q_bwd(grad_y: Tensor, x: Tensor, qdata: Tensor, absmax: Tensor, code: Optional[Tensor],
+                       absmax2: Optional[Tensor], code2: Optional[Tensor], qoffset: Optional[Tensor],
+                       qmeta: list[int], lora_A: Tensor, lora_B: Tensor, lora_R: Optional[Tensor],
+                       bias: Optional[Tensor], h: Tensor, corr_U: Optional[Tensor], corr_V: Optional[Tensor],
+                       scaling: float, dropout_p: float, seed: int, offset: int, needs: list[bool], fused: bool,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    qw = _qw(qdata, absmax, code, absmax2, code2, qoffset, qmeta)
+    w = _q_weight(qw, x, (corr_U, corr_V), fused, backend, need=bool(needs[0]))   # dx alone reads W
+    grads = _backend.plan(backend, x.device).lora_linear_backward(
+        _rows(grad_y), _rows(x), w, lora_A, lora_B, lora_R, h, scaling, dropout_p, seed, offset,
+        tuple(bool(n) for n in needs))
+    return _lora_grads(grads, x, lora_A, lora_B, lora_R, bias)
+
+
+@_lora_linear_q_bwd.register_fake
+def _(grad_y, x, qdata, absmax, code, absmax2, code2, qoffset, qmeta, lora_A, lora_B, lora_R, bias, h, corr_U,
+      corr_V, scaling, dropout_p, seed, offset, needs, fused, backend):
+    return _lora_grads_fake(needs, x, lora_A, lora_B, lora_R, bias)
+
+
+_Q_INPUTS = 20   # x, the quantised weight (7), lora_A, lora_B, bias, lora_R, corr_U, corr_V, then the scalars
+
+
+def _q_setup_context(ctx, inputs, output):
+    x, *q, lora_A, lora_B, bias, lora_R, corr_U, corr_V = inputs[:14]
+    ctx.save_for_backward(x, *q[:6], lora_A, lora_B, lora_R, bias, output[1], corr_U, corr_V)
+    ctx.qmeta = q[6]
+    ctx.args = inputs[14:]
+
+
+def _q_backward(ctx, grad_y, _grad_h):
+    x, *q, lora_A, lora_B, lora_R, bias, h, corr_U, corr_V = ctx.saved_tensors
+    scaling, dropout_p, seed, offset, fused, backend = ctx.args
+    n = ctx.needs_input_grad
+    needs = [n[0], n[8], n[9], lora_R is not None and n[11], bias is not None and n[10]]
+    if not any(needs):
+        return (None,) * _Q_INPUTS
+    dx, dA, dB, dR, db = (g if k else None for g, k in zip(
+        _lora_linear_q_bwd(grad_y, x, *q, ctx.qmeta, lora_A, lora_B, lora_R, bias, h, corr_U, corr_V, scaling,
+                           dropout_p, seed, offset, needs, fused, backend), needs))
+    return (dx,) + (None,) * 7 + (dA, dB, db, dR) + (None,) * (_Q_INPUTS - 12)
+
+
+_lora_linear_q_fwd.register_autograd(_q_backward, setup_context=_q_setup_context)
+
+
+def lora_linear_q(x: Tensor, qweight: reference.QuantWeight, lora_A: Tensor, lora_B: Tensor,
+                  bias: Optional[Tensor] = None, *, scaling: float = 1.0, lora_R: Optional[Tensor] = None,
+                  dropout_p: float = 0.0, correction: Optional[tuple[Tensor, Tensor]] = None, fused: bool = False,
+                  backend: Optional[str] = None, seed: Optional[int] = None) -> Tensor:
+    """The LoRA linear over a quantised frozen base (QLoRA):
+
+        y = x Ŵᵀ + b + s · drop(x) Aᵀ (Rᵀ) Bᵀ,   Ŵ = dequantize(qweight) (+ U V)
+
+    with Ŵ decoded in fp32 and rounded to x's dtype (the compute dtype), as
+    ``lora_linear(x, reference.dequantize(qweight, x.dtype) + U V, ...)`` computes it.
+
+    The default dequantises Ŵ into a scratch buffer that every layer shares
+    (lorafast.quant.scratch) and runs ``lora_linear``'s default plan on it; the backward
+    dequantises again for dx. ``fused=True`` decodes Ŵ's tiles inside lorafast's Triton GEMM
+    instead (no scratch; the "triton" backend only, and no ``correction``). ``correction`` is
+    the FedEx low-rank correction (U (out, q), V (q, in), fp32) that federated rounds on a
+    quantised base accumulate (lorafast.federated). W never receives a gradient.
+    """
+    if not isinstance(qweight, reference.QuantWeight) or qweight.kind not in (4, 8):
+        raise ValueError("qweight must be a lorafast.reference.QuantWeight of kind 4 or 8 (lorafast.quant."
+                         f"quant_weight builds one from a bitsandbytes layer), got {type(qweight).__name__}")
+    out_f, in_f = qweight.shape
+    if isinstance(x, Tensor) and qweight.data.device != x.device:
+        raise ValueError(f"qweight is on {qweight.data.device} but x is on {x.device}")
+    stand_in = x.new_empty(()).expand(out_f, in_f) if isinstance(x, Tensor) else None
+    _checks.check_lora_linear(x, stand_in, lora_A, lora_B, bias, lora_R, scaling, dropout_p)
+    U, V = correction if correction is not None else (None, None)
+    if U is not None:
+        for what, t, shape in (("correction U", U, (out_f, None)), ("correction V", V, (None, in_f))):
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.dtype != torch.float32 or t.device != x.device \
+                    or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+                raise ValueError(f"{what} must be an fp32 matrix of shape {shape} on {x.device} (None: any size)")
+        if U.shape[1] != V.shape[0]:
+            raise ValueError(f"correction U {tuple(U.shape)} and V {tuple(V.shape)} must share their rank")
+        U, V = U.contiguous(), V.contiguous()
+    if not isinstance(fused, bool):
+        raise ValueError(f"fused must be a bool, got {fused!r}")
+    if fused and U is not None:
+        raise ValueError("fused=True decodes the weight inside the GEMM and cannot add a FedEx correction: "
+                         "leave fused off for a layer with one")
+    seed = _dropout_seed(seed, dropout_p)
+    y, _ = lora_linear_q_fwd(x, qweight, lora_A, lora_B, bias, lora_R, (U, V), float(scaling), float(dropout_p),
+                             seed, 0, fused, backend)
+    return y
+
+
+def lora_linear_q_fwd(x: Tensor, qweight: reference.QuantWeight, lora_A: Tensor, lora_B: Tensor,
+                      bias: Optional[Tensor], lora_R: Optional[Tensor], correction, scaling: float, dropout_p: float,
+                      seed: int, offset: int, fused: bool, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(y, h) of ``lora_linear_q``, differentiable, unchecked. ``fused`` needs "triton", asked for or
+    chosen: it is never picked automatically over the scratch path."""
+    shape = (x.numel() // max(x.shape[-1], 1), qweight.shape[1], qweight.shape[0], lora_A.shape[0])
+    asked = _backend.requested(backend)
+    if fused and asked not in (None, "triton"):
+        raise ValueError(f"fused=True runs in lorafast's Triton GEMM, not on backend {asked!r}")
+    name = _backend.select("lora_linear_q_fwd", x.device, x.dtype, "triton" if fused else backend, shape=shape)
+    U, V = correction
+    return _lora_linear_q_fwd(x, *quant_args(qweight), lora_A, lora_B, bias, lora_R, U, V, float(scaling),
+                              float(dropout_p), int(seed), int(offset), bool(fused), name)
 
 
 # ------------------------------------------------------------------ DP-SGD

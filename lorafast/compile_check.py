@@ -275,6 +275,46 @@ def _drive_lora_multi(rec: _Recorder, dtype, adapter_dtype, sms: int) -> None:
                 plan.lora_linear_backward(gy, x, W, A, B, R, h, 1.0, p, SEED, OFFSET, needs, segments=segments)
 
 
+def _quant_weights(n: int):
+    """(label, QuantWeight) of each quantised-base layout, on the meta device: NF4/FP4 with and
+    without double quantisation (the kernels do not tell NF4 from FP4: the codebook is data),
+    and int8 row-wise."""
+    import torch
+    from .reference import QuantWeight
+    blocks = n * n // 64
+    u8, f32 = torch.uint8, torch.float32
+    return [("4-bit, double quantisation", QuantWeight(_meta(n * n // 2, 1, dtype=u8), _meta(blocks, dtype=u8),
+                                                       _meta(16, dtype=f32), _meta(blocks // 256, dtype=f32),
+                                                       _meta(256, dtype=f32), _meta(1, dtype=f32), 4, 64, 256,
+                                                       (n, n))),
+            ("4-bit", QuantWeight(_meta(n * n // 2, 1, dtype=u8), _meta(blocks, dtype=f32), _meta(16, dtype=f32),
+                                  None, None, None, 4, 64, 1, (n, n))),
+            ("int8", QuantWeight(_meta(n, n, dtype=torch.int8), _meta(n, dtype=f32), None, None, None, None, 8, n, 1,
+                                 (n, n)))]
+
+
+def _drive_quant(rec: _Recorder, dtype, sms: int) -> None:
+    """QLoRA: the dequantisation into the scratch buffer, and the fused path's GEMMs that decode
+    the weight in their main loop (the forward's x·Wᵀ and the backward's dY·W)."""
+    import torch
+    from .kernels.lora_linear import QuantOperand
+    from .plans import triton as K
+    n, r = FEATURES, RANK
+    tag = str(dtype).removeprefix("torch.")
+    A, B = _meta(r, n, dtype=torch.float32), _meta(n, r, dtype=torch.float32)
+    M = _batch_sizes(sms)[-1]
+    x, gy, h = _meta(M, n, dtype=dtype), _meta(M, n, dtype=dtype), _meta(M, r, dtype=torch.float32)
+    for label, qw in _quant_weights(n):
+        rec.case(f"dequantize ({label}, to {tag})")
+        K.dequantize_(qw, _meta(n, n, dtype=dtype))
+        W = QuantOperand(qw, False)
+        for p in (0.0, 0.1):
+            rec.case(f"lora_linear_q fused forward ({label}, {tag}, r={r}, dropout={p > 0:d})")
+            K.lora_linear_forward(x, W, A, B, _meta(n, dtype=dtype), None, 0.5, p, SEED, OFFSET)
+            rec.case(f"lora_linear_q fused backward ({label}, {tag}, r={r}, dropout={p > 0:d}, grads x,A,B)")
+            K.lora_linear_backward(gy, x, W, A, B, None, h, 0.5, p, SEED, OFFSET, (True, True, True, False, False))
+
+
 def _drive_dp(rec: _Recorder) -> None:
     import torch
     from .plans import triton as D
@@ -334,6 +374,7 @@ def enumerate_launches(sms: int = SMS["sm_90a"], smem: Optional[int] = None) -> 
                     _drive_lora_multi(rec, dtype, adapter_dtype, sms)
                 _drive_fedex(rec, dtype)
             _drive_privatize(rec, dtype)
+            _drive_quant(rec, dtype, sms)
         torch.backends.cuda.matmul.allow_tf32 = False
         _drive_dp(rec)
         launches = rec.launches

@@ -16,7 +16,7 @@ Box–Muller (cos and sin). The Triton kernels (kernels/philox.py) and the CUDA 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -474,3 +474,60 @@ def privatize_backward(grad_y: Tensor, h: Tensor, sq: Tensor, clip_norm: float, 
         proj = g - x * ((x * g).sum(dim=1) / n ** 2)[:, None]
         dx = torch.where(big[:, None], (clip_norm / n)[:, None] * proj, g)
     return dx.reshape(h.shape).to(h.dtype)
+
+
+# ------------------------------------------------------------------ quantised base weights
+
+
+class QuantWeight(NamedTuple):
+    """A frozen (out, in) base weight kept quantised, in bitsandbytes' layout (the tensors are
+    bitsandbytes' own, not copies; lorafast.quant builds this from a Linear4bit / Linear8bitLt).
+
+    kind 4 (Linear4bit, NF4 or FP4): ``data`` holds two 4-bit codes per byte, flat over the
+    row-major (out, in) matrix, element 2j in the high nibble of byte j and 2j+1 in the low
+    one. Element f decodes as ``code[q_f] · absmax[f // blocksize]`` with ``code`` the 16
+    values of the quant type. With double quantisation (``nested``) absmax is itself 8-bit:
+    ``absmax[b] = code2[absmax_q[b]] · absmax2[b // blocksize2] + offset``, where ``absmax``
+    holds the uint8 codes absmax_q.
+
+    kind 8 (Linear8bitLt): ``data`` is the int8 (out, in) matrix CB and ``absmax`` its row-wise
+    scale SCB; element (o, i) is ``CB[o, i] · SCB[o] / 127`` (blocks of one row: blocksize = in).
+    """
+    data: Tensor
+    absmax: Tensor
+    code: Optional[Tensor]
+    absmax2: Optional[Tensor]
+    code2: Optional[Tensor]
+    offset: Optional[Tensor]
+    kind: int
+    blocksize: int
+    blocksize2: int
+    shape: tuple[int, int]
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+
+def dequantize_absmax(qw: QuantWeight) -> Tensor:
+    """The per-block scales of ``qw`` in fp32 (the double quantisation decoded)."""
+    if not qw.nested:
+        return qw.absmax.to(torch.float32)
+    q = qw.absmax.to(torch.int64)
+    blocks = torch.arange(q.numel(), device=q.device) // qw.blocksize2
+    return qw.code2.to(torch.float32)[q] * qw.absmax2.to(torch.float32)[blocks] + qw.offset.to(torch.float32)
+
+
+def dequantize(qw: QuantWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (out, in) weight that ``qw`` encodes, decoded in fp32 and rounded once to ``dtype``
+    (bitsandbytes.functional.dequantize_4bit / int8_vectorwise_dequant compute the same)."""
+    out_f, in_f = qw.shape
+    n = out_f * in_f
+    if qw.kind == 8:
+        w = qw.data.reshape(out_f, in_f).to(torch.float32) * qw.absmax.to(torch.float32)[:, None] * (1.0 / 127)
+        return w.to(dtype)
+    packed = qw.data.reshape(-1).view(torch.uint8).to(torch.int64)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
+    blocks = torch.arange(n, device=packed.device) // qw.blocksize
+    w = qw.code.to(torch.float32)[codes] * dequantize_absmax(qw)[blocks]
+    return w.reshape(out_f, in_f).to(dtype)

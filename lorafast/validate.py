@@ -203,6 +203,69 @@ def check_privatize(backend: str, device: str, dtype: torch.dtype, mode: str) ->
                rel_err(y, want), TOLERANCES[dtype])
 
 
+# quantised bases (QLoRA): (layout, x shape, in, out, r, fused)
+Q_CASES = [
+    ("nf4+dq", (2, 5, 70), 70, 33, 3, False),
+    ("fp4", (9, 64), 64, 40, 2, False),
+    ("int8", (7, 33), 33, 47, 4, False),
+    ("nf4+dq", (2, 5, 70), 70, 33, 3, True),
+]
+
+
+def random_quant_weight(layout: str, out_f: int, in_f: int, g: torch.Generator, device) -> reference.QuantWeight:
+    """A random quantised (out, in) weight in bitsandbytes' layout: 4-bit codes over a sorted
+    random codebook with per-block scales of blocks of 16 (and, with double quantisation, their
+    8-bit codes in blocks of 4), or int8 with row scales."""
+    n = out_f * in_f
+    if layout == "int8":
+        return reference.QuantWeight(torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8).to(device),
+                                     (torch.rand(out_f, generator=g) / in_f ** 0.5).to(device), None, None, None, None,
+                                     8, in_f, 1, (out_f, in_f))
+    blocks = -(-n // 16)
+    data = torch.randint(0, 256, (-(-n // 2), 1), generator=g, dtype=torch.uint8).to(device)
+    code = torch.sort(torch.randn(16, generator=g)).values.to(device)
+    if layout == "fp4":
+        return reference.QuantWeight(data, (torch.rand(blocks, generator=g) / in_f ** 0.5).to(device), code, None,
+                                     None, None, 4, 16, 1, (out_f, in_f))
+    return reference.QuantWeight(data, torch.randint(0, 256, (blocks,), generator=g, dtype=torch.uint8).to(device),
+                                 code, (torch.rand(-(-blocks // 4), generator=g) / in_f ** 0.5).to(device),
+                                 torch.linspace(-1, 1, 256).to(device), torch.rand(1, generator=g).to(device) * 0.01,
+                                 4, 16, 4, (out_f, in_f))
+
+
+def check_dequantize(backend: str, device: str, dtype: torch.dtype, layout: str) -> Row:
+    """lorafast::dequantize_ against the spec, which rounds the fp32 decoding once (exact: 0)."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    qw = random_quant_weight(layout, 37, 70, g, device)
+    got = _ops.dequantize_(qw, torch.empty(qw.shape, device=device, dtype=dtype), backend)
+    return Row("dequantize", backend, device, str(dtype).replace("torch.", ""), f"{layout} W=37x70",
+               rel_err(got, reference.dequantize(qw, dtype)), 0.0)
+
+
+def check_lora_linear_q(backend: str, device: str, dtype: torch.dtype, case) -> Row:
+    """lorafast::lora_linear_q_fwd/bwd (QLoRA, with a FedEx correction unless fused): the output
+    and every gradient against the float64 spec on the decoded weight (rounded to x's dtype)."""
+    layout, xshape, in_f, out_f, r, fused = case
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    qw = random_quant_weight(layout, out_f, in_f, g, device)
+    x = rnd(*xshape).to(device, dtype).requires_grad_(True)
+    A, B = (rnd(r, in_f) / in_f ** 0.5).to(device).requires_grad_(True), rnd(out_f, r).to(device).requires_grad_(True)
+    bias = rnd(out_f).to(device, dtype)
+    U, V = (None, None) if fused else ((rnd(out_f, 2) * 0.01).to(device), rnd(2, in_f).to(device))
+    gy = rnd(*xshape[:-1], out_f).to(device, dtype)
+    y = _ops.lora_linear_q(x, qw, A, B, bias, scaling=0.5, correction=None if fused else (U, V), fused=fused,
+                           backend=backend)
+    got = [y, *torch.autograd.grad(y, [x, A, B], gy)]
+    W = reference.dequantize(qw).double() + (U.double() @ V.double() if U is not None else 0)
+    d64 = [t.detach().double().requires_grad_(True) for t in (x, A, B)]
+    ref = reference.lora_linear(d64[0], W.to(dtype).double(), d64[1], d64[2], bias.double(), scaling=0.5)
+    want = [ref, *torch.autograd.grad(ref, d64, gy.double())]
+    err = max(rel_err(a, b) for a, b in zip(got, want))
+    shape = f"{layout} x={tuple(xshape)} out={out_f} r={r}" + (" fused" if fused else " +correction")
+    return Row("lora_linear_q", backend, device, str(dtype).replace("torch.", ""), shape, err, TOLERANCES[dtype])
+
+
 def targets() -> Iterator[tuple[str, str]]:
     """(backend, device) pairs usable here."""
     yield "torch", "cpu"
@@ -222,6 +285,11 @@ def run_checks(progress: Optional[callable] = None) -> list[Row]:
     jobs += [(check_lora_per_sample, (b, d, dt, c)) for b, d in lora_pairs for dt in TOLERANCES for c in PS_CASES]
     multi_pairs = [(b, d) for b, d in lora_pairs if b != "cuda"]    # the CUDA backend has no multi-client kernels
     jobs += [(check_lora_linear_multi, (b, d, dt, c)) for b, d in multi_pairs for dt in TOLERANCES for c in MULTI_CASES]
+    q_pairs = [(b, d) for b, d in lora_pairs if b != "cuda"]    # no CUDA kernel decodes bitsandbytes weights
+    jobs += [(check_dequantize, (b, d, dt, lay)) for b, d in pairs if b != "cuda" for dt in TOLERANCES
+             for lay in ("nf4+dq", "fp4", "int8")]
+    jobs += [(check_lora_linear_q, (b, d, dt, c)) for b, d in q_pairs for dt in TOLERANCES for c in Q_CASES
+             if not c[-1] or b == "triton"]
     jobs += [(check_clip_reduce_noise, (b, d, pl)) for b, d in pairs for pl in (False, True)]
     jobs += [(check_fedex_merge, (b, d, dt)) for b, d in pairs for dt in TOLERANCES]
     jobs += [(check_privatize, (b, d, dt, m)) for b, d in pairs for dt in TOLERANCES

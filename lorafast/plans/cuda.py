@@ -130,3 +130,9 @@ def fedex_merge_(weight, U, V, compensation):
 
 def privatize(h, clip_norm, noise_std, mode, seed, offset):
     return ops().privatize(h, clip_norm, noise_std, mode, seed, offset)
+
+
+def dequantize_(qw, out):
+    """No CUDA C++ kernel decodes bitsandbytes weights: the reference's, on the GPU."""
+    from lorafast import reference
+    out.copy_(reference.dequantize(qw, out.dtype))

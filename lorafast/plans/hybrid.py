@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 from . import lora, triton
-from .triton import clip_reduce_noise, fedex_merge_, grad_sample_norms, privatize  # noqa: F401
+from .triton import clip_reduce_noise, dequantize_, fedex_merge_, grad_sample_norms, privatize  # noqa: F401
 
 _passes = functools.partial(triton.passes, blas=True)
 lora_linear_forward = functools.partial(triton.lora_linear_forward, blas=True)

@@ -85,3 +85,7 @@ def fedex_merge_(weight, U, V, compensation):
 def privatize(h, clip_norm, noise_std, mode, seed, offset):
     y, sq = reference.privatize(h.detach(), clip_norm, noise_std, mode=mode, seed=seed, offset=offset)
     return y, sq.to(torch.float32)
+
+
+def dequantize_(qw, out):
+    out.copy_(reference.dequantize(qw, out.dtype))

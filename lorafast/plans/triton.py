@@ -21,6 +21,7 @@ from lorafast import _layout
 from lorafast.kernels import dp, fedex
 from lorafast.kernels import lora_linear as K
 from lorafast.kernels import privatize as _privatize
+from lorafast.kernels import quant as _quant
 
 from . import lora
 
@@ -93,3 +94,7 @@ def fedex_merge_(weight, U, V, compensation):
 
 def privatize(h, clip_norm, noise_std, mode, seed, offset):
     return _privatize.privatize(h, _layout.privatize_rows(h.shape, mode), clip_norm, noise_std, mode, seed, offset)
+
+
+def dequantize_(qw, out):
+    _quant.dequantize(qw, out)

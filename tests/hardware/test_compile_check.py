@@ -75,6 +75,20 @@ def _recorded(calls):
     return seen
 
 
+def _quant_weights(g):
+    """A (9, 16) weight in each quantised layout: 4-bit with and without double quantisation
+    (blocks of 16 and, for the scales, of 4) and int8 row-wise; random codes and scales."""
+    from lorafast.reference import QuantWeight
+    packed = torch.randint(0, 256, (72, 1), generator=g, dtype=torch.uint8)
+    code = torch.linspace(-1, 1, 16)
+    return [QuantWeight(packed, torch.randint(0, 256, (9,), generator=g, dtype=torch.uint8), code,
+                        torch.rand(3, generator=g), torch.linspace(-1, 1, 256), torch.rand(1, generator=g), 4, 16, 4,
+                        (9, 16)),
+            QuantWeight(packed, torch.rand(9, generator=g), code, None, None, None, 4, 16, 1, (9, 16)),
+            QuantWeight(torch.randint(-127, 128, (9, 16), generator=g, dtype=torch.int8), torch.rand(9, generator=g),
+                        None, None, None, None, 8, 16, 1, (9, 16))]
+
+
 def _public_calls():
     """The LoRA op with every combination of which tensors train, lora_R, bias and dropout (fp32;
     one call per half dtype), its hybrid plan, its per-sample backward, the DP step, the merge
@@ -126,6 +140,13 @@ def _public_calls():
                       ps_R=torch.zeros(4, 3, 3) if has_R else None)
             _ops.lora_linear_bwd_ps(gy, x, rand(9, 16, dtype=dtype), A, B, R, h, 0.5, 0.1, 7, 0, 4, need_x,
                                     backend="triton", ps_scale=0.5, **ps)
+        for qw in _quant_weights(g):   # QLoRA: the scratch path's dequantisation, the fused GEMMs
+            _ops.dequantize_(qw, torch.empty(qw.shape, dtype=dtype), backend="triton")
+            for dropout in (0.0, 0.2):
+                x = rand(2, 5, 16, dtype=dtype).requires_grad_(True)
+                A, B = rand(3, 16).requires_grad_(True), rand(9, 3).requires_grad_(True)
+                _ops.lora_linear_q(x, qw, A, B, rand(9, dtype=dtype), scaling=0.5, dropout_p=dropout,
+                                   fused=True).sum().backward()
         _ops.fedex_merge_(rand(9, 16, dtype=dtype), rand(9, 4), rand(4, 16), None, "triton")
         _ops.fedex_merge_(rand(9, 16, dtype=dtype), rand(9, 4), rand(4, 16), torch.zeros(9, 16), "triton")
         for mode, std in itertools.product(("sample", "token", "element"), (0.0, 0.5)):

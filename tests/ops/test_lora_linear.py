@@ -4,7 +4,7 @@ import torch
 
 import lorafast
 from support.common import DTYPES, assert_close, backend_devices, backend_ids, fresh_seed, rel_err
-from support.lora_inputs import baseline_forward, leaves, make_params, make_x, truth
+from support.lora_inputs import assert_matches_reference, baseline_forward, leaves, make_params, make_x, truth
 
 
 @pytest.fixture(params=backend_devices("lora_linear_fwd"), ids=backend_ids)
@@ -48,16 +48,9 @@ def test_matches_float64_reference(backend_device, dtype, variant, shape):
     gy = torch.randn(y_shape, device=device).to(dtype)
 
     y, grads = run(lorafast_fn(backend, s), x, p, gy)
-    y_base, g_base = run(lambda x, p: baseline_forward(x, p, s), x, p, gy)
-    y_ref, g_ref = truth(x, p, s, gy)
-
-    assert y.shape == y_shape and y.dtype == dtype
-    assert_close("y", y, y_ref, y_base, dtype)
-    assert set(grads) == set(g_ref)
-    for name, g in grads.items():
-        ref_param = x if name == "x" else p[name]
-        assert g.dtype == ref_param.dtype and g.shape == ref_param.shape, name
-        assert_close(f"d{name}", g, g_ref[name], g_base[name], dtype)
+    assert y.shape == y_shape
+    assert_matches_reference(y, grads, x, p, truth(x, p, s, gy), run(lambda x, p: baseline_forward(x, p, s), x, p, gy),
+                             dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -69,7 +69,32 @@ def _args(op: str, backend: str, variant: int):
                 torch.zeros(OUT, IN) if variant else None, backend)
     if op == "privatize":
         return (_rand(M, T, IN, grad=True), 1.0, 0.5 * variant, ("sample", "token")[variant], 3, 0, backend)
+    if op in ("dequantize_", "lora_linear_q_fwd", "lora_linear_q_bwd"):
+        q = _ops.quant_args(_quant_weight(variant))
+        if op == "dequantize_":
+            return (*q, torch.empty(OUT, IN), backend)
+        x, _, A, B, b, Rm = _lora(bool(variant))
+        U, V = (torch.randn(OUT, 2) * 0.1, torch.randn(2, IN)) if variant else (None, None)
+        if op == "lora_linear_q_fwd":
+            return (x, *q, A, B, b, Rm, U, V, 0.5, p, 17, 4, False, backend)
+        x, A, B, b, Rm = (t.detach() if t is not None else None for t in (x, A, B, b, Rm))
+        needs = [True, True, True, Rm is not None, True]
+        return (torch.randn(M, T, OUT), x, *q, A, B, Rm, b, torch.randn(M * T, R), U, V, 0.5, p, 17, 4, needs, False,
+                backend)
     raise AssertionError(op)
+
+
+def _quant_weight(variant: int):
+    """A random (OUT, IN) quantised weight: 4-bit with double quantisation, or int8 row-wise."""
+    from lorafast.reference import QuantWeight
+    if variant:
+        return QuantWeight(torch.randint(-127, 128, (OUT, IN), dtype=torch.int8), torch.rand(OUT), None, None, None,
+                           None, 8, IN, 1, (OUT, IN))
+    n = OUT * IN
+    blocks = -(-n // 16)
+    return QuantWeight(torch.randint(0, 256, (-(-n // 2), 1), dtype=torch.uint8),
+                       torch.randint(0, 256, (blocks,), dtype=torch.uint8), torch.linspace(-1, 1, 16),
+                       torch.rand(-(-blocks // 4)), torch.linspace(-1, 1, 256), torch.rand(1), 4, 16, 4, (OUT, IN))
 
 
 CASES = [(op, pair) for op in _backend.OPS for pair in backend_devices(op) if pair[1] == "cpu"]

@@ -68,3 +68,18 @@ def truth(x, p, scaling, gy, dropout_p=0.0, seed=0):
     ls = leaves(x64, d)
     grads = torch.autograd.grad(y, [t for _, t in ls], gy.double()) if ls else ()
     return y, {n: g for (n, _), g in zip(ls, grads)}
+
+
+def assert_matches_reference(y, grads, x, p, ref, base, dtype) -> None:
+    """y and each gradient (``grads``: {name: tensor}) in their input's dtype and shape, and
+    within the tolerance table of ``ref`` (float64 truth) given ``base`` (PyTorch's own error in
+    dtype); ref and base are (y, {name: grad}) pairs."""
+    from support.common import assert_close
+    (y_ref, g_ref), (y_base, g_base) = ref, base
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert_close("y", y, y_ref, y_base, dtype)
+    assert set(grads) == set(g_ref)
+    for name, g in grads.items():
+        ref_param = x if name == "x" else p[name]
+        assert g.dtype == ref_param.dtype and g.shape == ref_param.shape, name
+        assert_close(f"d{name}", g, g_ref[name], g_base[name], dtype)
