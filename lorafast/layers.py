@@ -101,7 +101,13 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     variant: str = "lora", use_rslora: bool = False, seed: Optional[int] = None) -> "LoRALinear":
         """Wrap an existing ``nn.Linear`` or transformers ``Conv1D`` (GPT-2's transposed linear):
-        its weight and bias are shared (and frozen), not copied."""
+        its weight and bias are shared (and frozen), not copied. A bitsandbytes ``Linear4bit``
+        or ``Linear8bitLt`` gives a ``QLoRALinear`` (lorafast.qlora) over its quantised weight."""
+        from .quant import is_quantised
+        if is_quantised(linear):
+            from .qlora import QLoRALinear
+            return QLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                           variant=variant, use_rslora=use_rslora, seed=seed)
         weight, bias, fan_in_fan_out = base_parameters(linear, "linear")
         out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
         layer = cls(in_f, out_f, r, lora_alpha, lora_dropout, bias=bias is not None, variant=variant,
@@ -147,6 +153,17 @@ class LoRALinear(nn.Module):
         U, V = self.delta_factors()
         w = self.base_weight
         _ops.fedex_merge_(w, (U * sign).contiguous(), V.contiguous())
+
+    # what the op computes on: the input, the (out, in) weight and the bias in the compute
+    # dtype (a QLoRALinear casts to its compute dtype and dequantises its weight)
+    def compute_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.base_weight
+
+    def compute_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        return self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -198,6 +215,10 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def base_parameters(module: nn.Module, what: str) -> tuple[nn.Parameter, Optional[nn.Parameter], bool]:
     """(weight, bias, fan_in_fan_out) of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    from .quant import is_quantised
+    if is_quantised(module):
+        raise ValueError(f"{what} is a bitsandbytes {type(module).__name__}: its weight is quantised, and only "
+                         "LoRALinear.from_linear (a QLoRALinear) adapts it; MultiLoRALinear needs a dense base")
     if isinstance(module, nn.Linear):
         return module.weight, module.bias, False
     if is_conv1d(module):

@@ -151,8 +151,10 @@ class _LoRAPerSample(torch.autograd.Function):
     """LoRALinear's forward; its backward writes per-sample adapter gradients to the store."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, lora_R, layer, store, seed, backend, dropout_p):
-        y, h = _ops.lora_linear_fwd(x, layer.base_weight, lora_A, lora_B, layer.bias, lora_R,
+    def forward(ctx, x, lora_A, lora_B, lora_R, layer, store, seed, backend, dropout_p, weight, bias):
+        # weight: the layer's compute weight, not saved (a QLoRALinear's lives in a shared
+        # scratch buffer): the backward asks the layer for it again
+        y, h = _ops.lora_linear_fwd(x, weight, lora_A, lora_B, bias, lora_R,
                                     float(layer.scaling), dropout_p, seed, 0, backend)
         ctx.save_for_backward(x, lora_A, lora_B, lora_R, h)
         ctx.layer, ctx.store, ctx.seed, ctx.backend, ctx.dropout_p = layer, store, seed, backend, dropout_p
@@ -166,10 +168,12 @@ class _LoRAPerSample(torch.autograd.Function):
         params = [t if t is not None and t.requires_grad else None for t in (A, B, R)]
         ps_A, ps_B, ps_R = store.views(batch, params, f"LoRALinear({layer.in_features}, {layer.out_features})")
         need_x = ctx.needs_input_grad[0]
+        weight = layer.compute_weight(x.dtype) if need_x else \
+            x.new_empty(()).expand(layer.out_features, layer.in_features)   # only dx reads W
         dx = _ops.lora_linear_bwd_ps(
-            grad_y.contiguous(), x, layer.base_weight, A, B, R, h, float(layer.scaling), ctx.dropout_p, ctx.seed, 0,
+            grad_y.contiguous(), x, weight, A, B, R, h, float(layer.scaling), ctx.dropout_p, ctx.seed, 0,
             batch, need_x, ps_A, ps_B, ps_R, store.grad_scale(batch), ctx.backend)
-        return (dx,) + (None,) * 8
+        return (dx,) + (None,) * 10
 
 
 class _LinearPerSample(torch.autograd.Function):
@@ -257,13 +261,16 @@ def _lora_forward(layer: LoRALinear, x: Tensor) -> Tensor:
         raise RuntimeError(f"{where} is merged (its adapter is folded into the base weight); "
                            "call lorafast.unmerge_adapters(model) before private training")
     p = layer.lora_dropout if layer.training else 0.0
-    _checks.check_lora_linear(x, layer.base_weight, layer.lora_A, layer.lora_B, layer.bias, layer.lora_R,
-                              layer.scaling, p)
+    xc = layer.compute_input(x)
+    weight, bias = layer.compute_weight(xc.dtype), layer.compute_bias(xc.dtype)
+    _checks.check_lora_linear(xc, weight, layer.lora_A, layer.lora_B, bias, layer.lora_R, layer.scaling, p)
     seed = _random.next_seed() if p > 0.0 else 0
     # resolved once here, so that the per-sample backward runs on the forward's backend
-    backend = _backend.select("lora_linear_fwd", x.device, x.dtype, store.backend,
-                              shape=_ops.lora_shape(x, layer.base_weight, layer.lora_A))
-    return _LoRAPerSample.apply(x, layer.lora_A, layer.lora_B, layer.lora_R, layer, store, seed, backend, p)
+    backend = _backend.select("lora_linear_fwd", x.device, xc.dtype, store.backend,
+                              shape=_ops.lora_shape(xc, weight, layer.lora_A))
+    y = _LoRAPerSample.apply(xc, layer.lora_A, layer.lora_B, layer.lora_R, layer, store, seed, backend, p, weight,
+                             bias)
+    return y.to(x.dtype)
 
 
 def _linear_forward(layer: nn.Linear, x: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from .._checks import check_count
 from ..layers import LoRALinear, is_conv1d
 from ..multi_lora import MultiLoRALinear
+from ..quant import Unsupported, check_quantised, is_quantised
 from .targets import replace
 
 _ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -23,15 +24,39 @@ def _peft_lora():
     return lora_layer
 
 
-def _unfusable(module: nn.Module, lora_layer) -> Optional[str]:
+def _fusable_types(lora_layer) -> tuple:
+    """PEFT's LoRA layer classes that become LoRALinear: lora.Linear, and its bitsandbytes
+    layers (lora.bnb.Linear4bit / Linear8bitLt, which PEFT uses for a model loaded quantised)."""
+    types = [lora_layer.Linear]
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+        types += [getattr(peft_bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(peft_bnb, n)]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _unfusable(module: nn.Module, lora_layer, clients: Optional[int] = None) -> Optional[str]:
     """Why this PEFT LoRA layer cannot become a LoRALinear, or None."""
-    if type(module) is not lora_layer.Linear:
-        return f"layer type {type(module).__module__}.{type(module).__name__} (only lora.Linear is fused)"
+    if type(module) not in _fusable_types(lora_layer):
+        return (f"layer type {type(module).__module__}.{type(module).__name__} (only lora.Linear and PEFT's "
+                "bitsandbytes Linear4bit / Linear8bitLt are fused)")
     base = module.get_base_layer()
-    if type(base) is not nn.Linear and not is_conv1d(base):
-        return f"quantised or custom base layer {type(base).__module__}.{type(base).__name__}"
-    if type(base.weight) is not nn.Parameter or base.weight.dtype not in _ADAPTER_DTYPES:
+    quantised = is_quantised(base)
+    if quantised:
+        try:
+            check_quantised(base, "its base layer")
+        except Unsupported as e:
+            return str(e)
+        if clients is not None:
+            return f"clients= over a quantised base ({type(base).__name__}): MultiLoRALinear needs a dense base"
+        compute = getattr(base, "compute_dtype", None)
+    elif type(base) is not nn.Linear and not is_conv1d(base):
+        return f"custom base layer {type(base).__module__}.{type(base).__name__}"
+    elif type(base.weight) is not nn.Parameter or base.weight.dtype not in _ADAPTER_DTYPES:
         return f"quantised base weight ({type(base.weight).__name__}, {base.weight.dtype})"
+    else:
+        compute = base.weight.dtype
     names = list(module.lora_A.keys())
     active = _active(module)
     if len(active) > 1:
@@ -56,8 +81,9 @@ def _unfusable(module: nn.Module, lora_layer) -> Optional[str]:
         return f"dropout module {type(drop).__name__}"
     A, B = module.lora_A[name].weight, module.lora_B[name].weight
     for t, what in ((A, "lora_A"), (B, "lora_B")):
-        if t.dtype not in (torch.float32, base.weight.dtype):
-            return f"{what} in {t.dtype}, neither fp32 nor the base's {base.weight.dtype}"
+        if t.dtype != torch.float32 and (compute is None or t.dtype != compute):
+            return (f"{what} in {t.dtype}, neither fp32 nor the base's "
+                    f"{'compute dtype' if quantised else 'dtype'} {compute}")
         if t.device != base.weight.device:
             return f"{what} on {t.device}, the base on {base.weight.device}"
     return None
@@ -94,8 +120,11 @@ def from_peft(peft_model: nn.Module, *, strict: bool = True, clients: Optional[i
     that shares its parameter tensors (base weight and bias, lora_A, lora_B), and carries
     over r, lora_alpha, the scaling (rsLoRA included) and the dropout. Returns ``peft_model``.
 
-    Layers with a feature the fused op does not compute (DoRA, several adapters, a
-    quantised base, lora_bias, ...) raise ValueError naming each layer and feature; with
+    A bitsandbytes-quantised base (QLoRA: ``Linear4bit`` NF4/FP4, ``Linear8bitLt``) gives a
+    ``QLoRALinear`` that keeps bitsandbytes' packed weight (lorafast.qlora).
+
+    Layers with a feature the fused op does not compute (DoRA, several adapters, a custom or
+    unsupported quantised base, lora_bias, ...) raise ValueError naming each layer and feature; with
     ``strict=False`` they stay PEFT layers, a warning lists them and
     ``peft_model.lorafast_unfused`` holds ``[(name, feature), ...]``.
 
@@ -117,7 +146,7 @@ def from_peft(peft_model: nn.Module, *, strict: bool = True, clients: Optional[i
     plan, unfused = [], []
     for name, module in peft_model.named_modules():
         if isinstance(module, lora_layer.LoraLayer):
-            why = _unfusable(module, lora_layer)
+            why = _unfusable(module, lora_layer, clients)
             (unfused if why else plan).append((name, why or module))
     if not plan and not unfused:
         raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT LoRA layers")

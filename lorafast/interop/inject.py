@@ -1,6 +1,7 @@
 """Adapters into an existing model: inject, merge, unmerge."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 from torch import nn
@@ -8,6 +9,7 @@ from torch import nn
 from .._checks import check_choice, check_count, check_positive
 from ..layers import VARIANTS, LoRALinear
 from ..multi_lora import MultiLoRALinear
+from ..quant import Unsupported, check_quantised, is_quantised
 from .targets import freeze_all_but_adapters, hf_root, lora_layers, match_targets, replace
 
 
@@ -33,7 +35,7 @@ def check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora, clients
 
 def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]], *, r: int = 8,
                     lora_alpha: float = 8, lora_dropout: float = 0.0, variant: str = "lora",
-                    use_rslora: bool = False, clients: Optional[int] = None) -> nn.Module:
+                    use_rslora: bool = False, clients: Optional[int] = None, strict: bool = True) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` (or GPT-2 ``Conv1D``) that ``target_modules``
     selects with a fused ``LoRALinear`` sharing its frozen weight and bias, and freeze every
     other parameter of ``model``. Returns ``model``.
@@ -45,10 +47,25 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
     ``clients=k`` makes each a ``MultiLoRALinear`` of k clients' adapters over the shared
     base (``r`` may then list one rank per client); run the model inside
     ``with lorafast.clients(model, client_ids):``. Nothing is changed when an argument is
-    refused."""
+    refused.
+
+    A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` gets a ``QLoRALinear`` over its quantised
+    weight (QLoRA; lorafast.qlora). One lorafast cannot compute on (an unsupported quant type,
+    compute dtype or bitsandbytes version, or ``clients=`` over it) raises ValueError naming
+    each such layer and why; with ``strict=False`` those layers stay as they are, without an
+    adapter, a warning names them and ``model.lorafast_unfused`` lists ``[(name, why), ...]``."""
     check_adapter_args(r, lora_alpha, lora_dropout, variant, use_rslora, clients)
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict must be a bool, got {strict!r}")
     root = hf_root(model)
     names = match_targets(model, target_modules)
+    unfused = [(n, why) for n in names if (why := _unsupported(root.get_submodule(n), clients)) is not None]
+    if unfused and strict:
+        listed = "\n".join(f"  {n}: {why}" for n, why in unfused)
+        raise ValueError(f"inject_adapters cannot adapt {len(unfused)} layer(s):\n{listed}\n"
+                         "pass strict=False to leave them without an adapter")
+    skipped = {n for n, _ in unfused}
+    names = [n for n in names if n not in skipped]
     kw = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, variant=variant, use_rslora=use_rslora)
     if clients is None:
         new = {n: LoRALinear.from_linear(root.get_submodule(n), **kw) for n in names}
@@ -57,7 +74,25 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
     for n, layer in new.items():
         replace(root, n, layer)
     freeze_all_but_adapters(root)
+    if unfused:
+        warnings.warn(f"inject_adapters left {len(unfused)} layer(s) without an adapter: "
+                      + "; ".join(f"{n} ({why})" for n, why in unfused), stacklevel=2)
+    model.lorafast_unfused = unfused
     return model
+
+
+def _unsupported(module: nn.Module, clients: Optional[int]) -> Optional[str]:
+    """Why a targeted layer cannot get an adapter (a bitsandbytes layer lorafast cannot compute
+    on), or None."""
+    if not is_quantised(module):
+        return None
+    if clients is not None:
+        return f"clients= over a quantised base ({type(module).__name__}): MultiLoRALinear needs a dense base"
+    try:
+        check_quantised(module, "layer")
+    except Unsupported as e:
+        return str(e)
+    return None
 
 
 def _all_layers(model: nn.Module, merged: bool, verb: str) -> list[LoRALinear]:
@@ -73,9 +108,26 @@ def _all_layers(model: nn.Module, merged: bool, verb: str) -> list[LoRALinear]:
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold s·B(R)A into every LoRALinear's base weight (inference without the adapter cost).
-    Checked for every layer before any is changed."""
-    for layer in _all_layers(model, merged=True, verb="merge"):
-        layer.merge()
+    Checked for every layer before any is changed.
+
+    A quantised base (QLoRALinear) is dequantised, merged and requantised with its own quant
+    type: that rounds the merged weight again, so the result is not exact. Each such layer's
+    error (``qlora.MergeError``) is in ``model.lorafast_merge_errors`` ({name: error}) and a
+    warning reports the largest; ``unmerge_adapters`` restores the quantised weights exactly."""
+    _all_layers(model, merged=True, verb="merge")
+    errors = {}
+    for name, layer in lora_layers(model).items():
+        error = layer.merge()
+        if error is not None:
+            errors[name] = error
+    if errors:
+        worst = max(errors, key=lambda n: errors[n].relative_to_update)
+        e = errors[worst]
+        warnings.warn(f"merge_adapters requantised {len(errors)} quantised layer(s); the largest error, at {worst}: "
+                      f"‖Ŵ − W*‖ is {e.relative_to_weight:.3g} of ‖W*‖ and {e.relative_to_update:.3g} of the "
+                      f"merged update (max |Ŵ − W*| {e.max_abs:.3g}); model.lorafast_merge_errors has every layer's",
+                      stacklevel=2)
+    model.lorafast_merge_errors = errors
     return model
 
 

@@ -278,8 +278,9 @@ def load_adapters(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
                              "then load_adapters into the converted model")
         if not isinstance(m, LoRALinear) and not is_linear(m):
             raise ValueError(f"{WEIGHTS_NAME} has an adapter for {name!r}, a {type(m).__name__}, not a linear layer")
-        out_f, in_f = (m.out_features, m.in_features) if isinstance(m, LoRALinear) else \
-            ((m.weight.shape[1], m.weight.shape[0]) if not isinstance(m, nn.Linear) else tuple(m.weight.shape))
+        # (a bitsandbytes layer is an nn.Linear whose weight is packed: its features say its shape)
+        out_f, in_f = (m.out_features, m.in_features) if isinstance(m, (LoRALinear, nn.Linear)) else \
+            (m.weight.shape[1], m.weight.shape[0])
         r = A.shape[0] if A.dim() == 2 else -1
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_f or tuple(B.shape) != (out_f, r):
             raise ValueError(f"{WEIGHTS_NAME}: {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; "

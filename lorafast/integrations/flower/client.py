@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ... import _ops
 from ...layers import LoRALinear
 from ...multi_lora import MultiLoRALinear
+from ...qlora import QLoRALinear
 from .records import (BASE_VERSION_KEY, LAYER_SUFFIXES, RESIDUAL_SUFFIXES, ArraysLike, lora_layers, split_key,
                       to_tensor)
 
@@ -54,6 +55,9 @@ def apply_global_adapters(model: nn.Module, arrays: ArraysLike, *, base_version:
         target.copy_(value.to(device=target.device, dtype=target.dtype))
     if apply_residuals:
         for prefix, (U, V) in residuals.items():
+            if isinstance(layers[prefix], QLoRALinear):   # a quantised base keeps it as its low-rank correction
+                layers[prefix].add_correction(U, V)
+                continue
             w = layers[prefix].base_weight
             comp = None if compensation is None else compensation.get(prefix)
             _ops.fedex_merge_(w.data, U.to(device=w.device, dtype=torch.float32),
@@ -76,6 +80,9 @@ def _plan(model: nn.Module, layers: dict[str, LoRALinear], tensors: dict[str, Te
         elif suffix in RESIDUAL_SUFFIXES:
             residuals.setdefault(prefix, {})[suffix] = value
             continue
+        elif suffix == ".weight" and isinstance(layer, QLoRALinear):
+            raise ValueError(f"arrays[{key!r}] is a dense base weight, but {prefix}'s base is quantised "
+                             "(QLoRALinear): send its FedEx residuals, which it keeps as a low-rank correction")
         else:
             target = layer.base_weight if suffix == ".weight" else getattr(layer, suffix[1:])
         if target is None:
@@ -101,6 +108,8 @@ def _checked_residual(prefix: str, layer: LoRALinear, pair: dict[str, Tensor], w
         raise ValueError(f"arrays[{prefix}.residual_U/V] have shapes {tuple(U.shape)}, {tuple(V.shape)}; expected "
                          f"({out_f}, K) and (K, {in_f})")
     if compensation is not None and prefix in compensation:
+        if isinstance(layer, QLoRALinear):
+            raise ValueError(f"compensation[{prefix!r}]: {prefix}'s base is quantised and takes no compensation")
         c, shape = compensation[prefix], layer.base_weight.shape
         if not isinstance(c, Tensor) or c.dtype != torch.float32 or c.shape != shape:
             raise ValueError(f"compensation[{prefix!r}] must be an fp32 tensor of shape {tuple(shape)}")
