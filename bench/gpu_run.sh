@@ -6,7 +6,9 @@
 #      and 8192 (nn.Linear, PEFT, and lorafast's hybrid, fused and CUDA plans), the DP step,
 #      the FedEx merge at k=16, and the noise kernel
 #   c  the model-level suites on a 1.1B Llama: one LoRA training step (PEFT vs lorafast) and one
-#      federated round of 16 clients (sequential PEFT, sequential lorafast, one batched step)
+#      federated round of 16 clients (sequential PEFT, sequential lorafast, one batched step); and
+#      the QLoRA layer (NF4 base) at 4096², N=2048 and 8192: PEFT + bitsandbytes, lorafast's scratch
+#      and fused paths
 # Each stage prints its time. Logs and CSVs go to bench/results/<gpu>/ ($OUT overrides), and the
 # measured backend table to lorafast/tuning/<gpu>.json, which automatic selection then ships.
 #   bash bench/gpu_run.sh a|b|c      (no argument: a, then b; c on its own)
@@ -59,6 +61,8 @@ stage_c() {
   run python bench/bench_model.py --quick --out "$OUT_DIR/model.csv"
   step "federated round of 16 clients: sequential PEFT / lorafast, one batched MultiLoRALinear step"
   run python bench/bench_multi.py --quick --out "$OUT_DIR/multi.csv"
+  step "QLoRA layer, NF4 base: PEFT + bitsandbytes, lorafast scratch / fused"
+  run python bench/bench_qlora.py --quick --out "$OUT_DIR/qlora.csv" --table "$TABLE"
   return $status
 }
 

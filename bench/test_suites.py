@@ -3,8 +3,8 @@
     pytest bench/ --benchmark-only [--benchmark-json out.json]
 
 Nothing here defines a case: each test runs one script's ``common.Suite`` (bench_lora_linear,
-bench_noise, bench_federated, bench_dp, bench_model, bench_multi), with its sizes, providers, inputs,
-builders, correctness checks and timed callables, the same that write its CSV. One test per
+bench_noise, bench_federated, bench_dp, bench_model, bench_multi, bench_qlora), with its sizes, providers,
+inputs, builders, correctness checks and timed callables, the same that write its CSV. One test per
 CSV `time` row:
 
   test_lora_linear  provider × shape × mode (forward, backward, full)
@@ -13,6 +13,7 @@ CSV `time` row:
   test_dp_step      provider × config (one DP-SGD training step)
   test_model_step   provider (one LoRA training step of the Llama-style model)
   test_multi_round  provider × config (one federated round of k clients)
+  test_qlora        provider × shape (forward+backward of one QLoRA layer over an NF4 base)
 
 Each provider is checked as the script checks it before timing (the suite's whole-run checks,
 ``Suite.prepare``, once per session). A provider that cannot run here (``Suite.missing``: its
@@ -20,8 +21,8 @@ library missing, the Triton or CUDA backend unusable on this device) is skipped 
 as is a baseline that fails to run or to match; a lorafast provider that fails its check or
 raises fails the test, as does any provider whose failure fails the script's run
 (``Suite.fails_run``). The derived CSV metrics (roofline, bandwidth, pct_of_copy,
-roofline_fraction, tokens_per_s, peak_memory) are not timed here; extra_info carries the bytes,
-flops or tokens they are computed from (``Suite.info``).
+roofline_fraction, tokens_per_s, peak_memory, speedup_vs_peft, max_abs_err_*) are not timed here;
+extra_info carries the bytes, flops or tokens they are computed from (``Suite.info``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import bench_lora_linear as bl
 import bench_model as bm
 import bench_multi as bmu
 import bench_noise as bn
+import bench_qlora as bq
 import common
 
 # What the scripts silence on import (bench_dp, bench_model); pytest resets warning filters per test.
@@ -50,7 +52,8 @@ TESTS = {"test_lora_linear": ("shape, provider, mode", bl.SUITE, True),
          "test_fedex_merge": ("cfg, provider", bf.SUITE, True),
          "test_dp_step": ("cfg, provider", bd.SUITE, True),
          "test_model_step": ("cfg, provider", bm.SUITE, False),
-         "test_multi_round": ("cfg, provider", bmu.SUITE, True)}
+         "test_multi_round": ("cfg, provider", bmu.SUITE, True),
+         "test_qlora": ("shape, provider", bq.SUITE, True)}
 SUITES: dict = {}  # suite class -> its instance for this session (providers resolved, prepare run once)
 
 
@@ -199,3 +202,7 @@ def test_model_step(bench, request, cfg, provider):
 
 def test_multi_round(bench, request, cfg, provider):
     run_case(bench, request, bmu.SUITE, cfg, provider, bmu.MODE)
+
+
+def test_qlora(bench, request, shape, provider):
+    run_case(bench, request, bq.SUITE, shape, provider, bq.MODE)

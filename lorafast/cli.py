@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 SUITES = {"lora": "bench_lora_linear.py", "dp": "bench_dp.py", "federated": "bench_federated.py",
-          "model": "bench_model.py", "multi": "bench_multi.py", "noise": "bench_noise.py"}
+          "model": "bench_model.py", "multi": "bench_multi.py", "noise": "bench_noise.py", "qlora": "bench_qlora.py"}
 # The suites are a source-checkout tool: they live in the repository's bench/, beside an editable
 # install, and are not part of the wheel. ``lorafast plot`` (lorafast/plot.py) ships and reads their CSVs.
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
