@@ -8,7 +8,7 @@ grad_out (dx, dA, dB). Providers, all on the same Linear4bit:
 
   peft              PEFT's bitsandbytes LoRA layer (peft.tuners.lora.bnb.Linear4bit, checked): from
                     get_peft_model on a module holding the Linear4bit, with is_loaded_in_4bit set
-  lorafast-scratch  QLoRALinear.from_linear(q, fused=False), the default: the weight dequantised into
+  lorafast-scratch  QLoRALinear.from_linear(q, fused=False), the default path: the weight dequantised into
                     the scratch buffer every layer shares (lorafast.quant), base GEMMs on cuBLAS
   lorafast-fused    fused=True: lorafast's Triton GEMM decodes the NF4 tiles in its main loop
 

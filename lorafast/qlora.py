@@ -4,14 +4,17 @@ with or without double quantisation, or ``Linear8bitLt``).
 ``QLoRALinear`` is a ``LoRALinear`` whose base weight stays bitsandbytes' packed parameter
 (shared with the layer it wraps, never copied). Its forward is ``lorafast.lora_linear_q``:
 
-* default: the weight is dequantised into a scratch buffer that every layer shares
-  (lorafast.quant), and the ordinary LoRA linear runs on it with its default plan (base
-  GEMMs on cuBLAS); the backward dequantises again for dx;
+* by default (``fused=None``, with no measured table saying otherwise, and ``fused=False``):
+  the weight is dequantised into a scratch buffer that every layer shares (lorafast.quant),
+  and the ordinary LoRA linear runs on it with its default plan (base GEMMs on cuBLAS); the
+  backward dequantises again for dx;
 * ``fused=True``: lorafast's Triton GEMM decodes the weight tiles in its main loop, with no
-  scratch; ``fused=None`` takes it where a measured table for the GPU says it is faster.
+  scratch. ``fused=None`` takes it only where a measured table for the GPU (bench/bench_qlora.py
+  records one) says it is faster at the nearest shape.
 
 x is cast to the layer's compute dtype (bitsandbytes' ``compute_dtype``; x's own when it
-has none) and the output back to x's dtype, as bitsandbytes does.
+has none) and the output back to x's dtype, as bitsandbytes does. Under lorafast.dp the
+per-sample backward takes the scratch path whatever ``fused`` says.
 
 Federated rounds cannot add FedEx's residual exactly into a 4-bit W. The layer keeps it
 beside the base as a low-rank correction W_eff = deq(W) + U V (fp32 factors), folded into
@@ -64,7 +67,7 @@ class QLoRALinear(LoRALinear):
     @classmethod
     def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     variant: str = "lora", use_rslora: bool = False, seed: Optional[int] = None,
-                    fused: Optional[bool] = False, correction_rank: int = DEFAULT_CORRECTION_RANK) -> "QLoRALinear":
+                    fused: Optional[bool] = None, correction_rank: int = DEFAULT_CORRECTION_RANK) -> "QLoRALinear":
         """Wrap a bitsandbytes layer: its packed weight (with its quant state) and its bias are
         shared, not copied. Unsupported layers raise ValueError naming the reason."""
         if not quant.is_quantised(linear):
@@ -83,8 +86,8 @@ class QLoRALinear(LoRALinear):
         layer.quantisation = quant.describe(linear)
         layer.fused, layer.correction_rank = fused, correction_rank
         layer.weight = weight.requires_grad_(False)
-        if layer.kind == 8:
-            layer.threshold = float(linear.state.threshold)
+        if layer.kind == 8:   # bitsandbytes moves SCB from the weight to this state on its first forward
+            layer.int8_state, layer.threshold = linear.state, float(linear.state.threshold)
         if bias is not None:
             layer.bias = bias.requires_grad_(False)
         layer.register_buffer("correction_U", None)
@@ -243,12 +246,13 @@ class QLoRALinear(LoRALinear):
         return previous
 
     def _state(self):
-        return self.weight.SCB if self.kind == 8 else self.weight.quant_state
+        return quant.quant_weight(self).absmax if self.kind == 8 else self.weight.quant_state
 
     def _set_quantised(self, data: Tensor, state) -> None:
         self.weight.data = data
         if self.kind == 8:
             self.weight.CB, self.weight.SCB = data, state
+            self.int8_state.SCB = state
         else:
             self.weight.quant_state = state
 
@@ -257,7 +261,7 @@ class QLoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", base={self.quantisation!r}" + \
-            (f", fused={self.fused}" if self.fused is not False else "") + \
+            (f", fused={self.fused}" if self.fused is not None else "") + \
             (f", correction_rank={self.correction_U.shape[1]}" if self.correction_U is not None else "")
 
 

@@ -78,8 +78,18 @@ def check_quantised(module: nn.Module, where: str = "layer") -> None:
     if getattr(module.state, "has_fp16_weights", False) or w.dtype != torch.int8:
         raise Unsupported(f"{where}: Linear8bitLt with has_fp16_weights=True keeps a half-precision weight that "
                           "it re-quantises every step; build it with has_fp16_weights=False")
-    if getattr(w, "SCB", None) is None:
+    if _row_scales(module) is None:
         raise Unsupported(f"{where}: its Linear8bitLt weight is not quantised yet (call .to(device) first)")
+
+
+def _row_scales(module: nn.Module) -> Optional[Tensor]:
+    """An int8 weight's row scales SCB: on the weight until bitsandbytes' first forward moves
+    them to the layer's MatmulLtState (``state``; a QLoRALinear keeps it as ``int8_state``)."""
+    scb = getattr(module.weight, "SCB", None)
+    if scb is None:
+        state = getattr(module, "int8_state", None) or getattr(module, "state", None)
+        scb = getattr(state, "SCB", None)
+    return scb
 
 
 def quant_weight(module: nn.Module) -> QuantWeight:
@@ -91,7 +101,7 @@ def quant_weight(module: nn.Module) -> QuantWeight:
     if getattr(s, "packing_format_for_cpu", False):
         s = _unpack_for_cpu(w)
     if s is None:   # Int8Params: CB (the data) and its row scales SCB
-        return QuantWeight(w.data, w.SCB, None, None, None, None, 8, module.in_features, 1, shape)
+        return QuantWeight(w.data, _row_scales(module), None, None, None, None, 8, module.in_features, 1, shape)
     if s.nested:
         return QuantWeight(w.data, s.absmax, s.code, s.state2.absmax, s.state2.code, s.offset.reshape(1), 4,
                            s.blocksize, s.state2.blocksize, shape)

@@ -455,3 +455,30 @@ def test_peft_saved_qlora_adapters_load_into_lorafast(qbase, tmp_path):
     assert len(rest) == 7 - len(TARGETS) and all(m.weight.dtype == torch.uint8 for m in rest.values())
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bnb_layer", [False, True], ids=["lora.Linear", "lora.bnb.Linear8bitLt"])
+def test_from_peft_over_an_int8_base_after_bitsandbytes_ran_it(bnb_layer):
+    """A Linear8bitLt's first forward moves its row scales from the weight to the layer's
+    state: the converted layer still finds them, and gives PEFT's output."""
+    from peft import LoraConfig, get_peft_model
+    fresh_seed()
+    holder = nn.Module()
+    holder.proj = quantised_linear(128, 64, "int8")
+    holder.forward = lambda x: holder.proj(x)
+    if bnb_layer:
+        holder.is_loaded_in_8bit = True
+    x = torch.randn(5, 128)
+    holder.proj(x)                                   # bitsandbytes' own forward: SCB leaves the weight
+    assert getattr(holder.proj.weight, "SCB", None) is None
+    expected = bnb.functional.int8_vectorwise_dequant(holder.proj.weight.data.clone(), holder.proj.state.SCB.clone())
+    pm = get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ref = pm(x)
+    lorafast.from_peft(pm)
+    layer = pm.base_model.model.proj
+    assert isinstance(layer, QLoRALinear) and layer.kind == 8
+    assert _rel(pm(x), ref) < 1e-5
+    assert torch.equal(layer.base_weight, expected)
