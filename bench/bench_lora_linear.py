@@ -46,16 +46,7 @@ TARGETS = (("lorafast-hybrid", "frozen_linear", 1.10), ("lorafast-hybrid", "peft
            ("lorafast-triton", "frozen_linear", 1.05))
 
 
-@dataclass(frozen=True)
-class Shape:
-    in_f: int
-    out_f: int
-    r: int
-    n: int
-
-    @property
-    def label(self) -> str:
-        return f"in={self.in_f},out={self.out_f},r={self.r},N={self.n}"
+Shape = common.LayerShape
 
 
 FULL_SHAPES = [Shape(i, o, r, n) for i, o in ((4096, 4096), (4096, 14336)) for r in (16, 64)

@@ -55,16 +55,8 @@ QUANT = {"quant_type": "nf4", "compress_statistics": True}   # NF4, double quant
 
 
 @dataclass(frozen=True)
-class Shape:
-    in_f: int
-    out_f: int
-    r: int
-    n: int
+class Shape(common.LayerShape):
     dtype: torch.dtype = torch.bfloat16   # bitsandbytes' compute dtype, and x's
-
-    @property
-    def label(self) -> str:
-        return f"in={self.in_f},out={self.out_f},r={self.r},N={self.n}"
 
 
 LLAMA_LAYERS = ((4096, 4096), (4096, 14336), (14336, 4096))

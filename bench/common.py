@@ -332,6 +332,19 @@ def cuda_status(device: torch.device) -> tuple[bool, str]:
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """One adapted linear layer's size: features in and out, rank, tokens N."""
+    in_f: int
+    out_f: int
+    r: int
+    n: int
+
+    @property
+    def label(self) -> str:
+        return f"in={self.in_f},out={self.out_f},r={self.r},N={self.n}"
+
+
+@dataclass(frozen=True)
 class Needs:
     """Providers that need a library or backend. Where ``status()`` says it is missing they are
     dropped, or ``instead`` stands in for them, after a banner naming why and what is lost."""

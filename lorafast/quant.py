@@ -82,6 +82,20 @@ def check_quantised(module: nn.Module, where: str = "layer") -> None:
         raise Unsupported(f"{where}: its Linear8bitLt weight is not quantised yet (call .to(device) first)")
 
 
+def unsupported_reason(module: nn.Module, where: str, clients: Optional[int] = None) -> Optional[str]:
+    """Why lorafast cannot adapt the bitsandbytes layer ``module`` (``check_quantised``'s reason,
+    or ``clients=`` over it), or None; None too for a layer that is not quantised."""
+    if not is_quantised(module):
+        return None
+    try:
+        check_quantised(module, where)
+    except Unsupported as e:
+        return str(e)
+    if clients is not None:
+        return f"clients= over a quantised base ({type(module).__name__}): MultiLoRALinear needs a dense base"
+    return None
+
+
 def _row_scales(module: nn.Module) -> Optional[Tensor]:
     """An int8 weight's row scales SCB: on the weight until bitsandbytes' first forward moves
     them to the layer's MatmulLtState (``state``; a QLoRALinear keeps it as ``int8_state``)."""

@@ -10,7 +10,7 @@ from torch import nn
 from .._checks import check_count
 from ..layers import LoRALinear, is_conv1d
 from ..multi_lora import MultiLoRALinear
-from ..quant import Unsupported, check_quantised, is_quantised
+from ..quant import is_quantised, unsupported_reason
 from .targets import replace
 
 _ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,12 +44,9 @@ def _unfusable(module: nn.Module, lora_layer, clients: Optional[int] = None) -> 
     base = module.get_base_layer()
     quantised = is_quantised(base)
     if quantised:
-        try:
-            check_quantised(base, "its base layer")
-        except Unsupported as e:
-            return str(e)
-        if clients is not None:
-            return f"clients= over a quantised base ({type(base).__name__}): MultiLoRALinear needs a dense base"
+        why = unsupported_reason(base, "its base layer", clients)
+        if why is not None:
+            return why
         compute = getattr(base, "compute_dtype", None)
     elif type(base) is not nn.Linear and not is_conv1d(base):
         return f"custom base layer {type(base).__module__}.{type(base).__name__}"

@@ -9,7 +9,7 @@ from torch import nn
 from .._checks import check_choice, check_count, check_positive
 from ..layers import VARIANTS, LoRALinear
 from ..multi_lora import MultiLoRALinear
-from ..quant import Unsupported, check_quantised, is_quantised
+from ..quant import unsupported_reason
 from .targets import freeze_all_but_adapters, hf_root, lora_layers, match_targets, replace
 
 
@@ -59,7 +59,8 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
         raise ValueError(f"strict must be a bool, got {strict!r}")
     root = hf_root(model)
     names = match_targets(model, target_modules)
-    unfused = [(n, why) for n in names if (why := _unsupported(root.get_submodule(n), clients)) is not None]
+    reasons = {n: unsupported_reason(root.get_submodule(n), "layer", clients) for n in names}
+    unfused = [(n, why) for n, why in reasons.items() if why is not None]
     if unfused and strict:
         listed = "\n".join(f"  {n}: {why}" for n, why in unfused)
         raise ValueError(f"inject_adapters cannot adapt {len(unfused)} layer(s):\n{listed}\n"
@@ -79,20 +80,6 @@ def inject_adapters(model: nn.Module, target_modules: Union[str, Sequence[str]],
                       + "; ".join(f"{n} ({why})" for n, why in unfused), stacklevel=2)
     model.lorafast_unfused = unfused
     return model
-
-
-def _unsupported(module: nn.Module, clients: Optional[int]) -> Optional[str]:
-    """Why a targeted layer cannot get an adapter (a bitsandbytes layer lorafast cannot compute
-    on), or None."""
-    if not is_quantised(module):
-        return None
-    if clients is not None:
-        return f"clients= over a quantised base ({type(module).__name__}): MultiLoRALinear needs a dense base"
-    try:
-        check_quantised(module, "layer")
-    except Unsupported as e:
-        return str(e)
-    return None
 
 
 def _all_layers(model: nn.Module, merged: bool, verb: str) -> list[LoRALinear]:
