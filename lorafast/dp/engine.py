@@ -67,6 +67,7 @@ class PrivacyEngine:
         self.accountant = Accountant(accountant)
         self.secure_mode = bool(secure_mode)
         self.client_accountants: Optional[list[Accountant]] = None   # per-client DP (make_private_clients)
+        self.optimizer: Optional[DPOptimizer] = None                  # the last make_private's
 
     def make_private(self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
                      noise_multiplier: float, max_grad_norm: Union[float, Sequence[float]],
@@ -126,6 +127,7 @@ class PrivacyEngine:
         dp_optimizer.attach_step_hook(lambda opt: self.accountant.step(opt.noise_multiplier, sample_rate))
         attach(module, store)
         self.sample_rate = sample_rate
+        self.optimizer = dp_optimizer     # what a PrivacyAudit of this engine watches
         return module, dp_optimizer, loader
 
     def make_private_clients(self, *, module: nn.Module, optimizer: Optimizer, client_datasets: Sequence,

@@ -106,9 +106,19 @@ class DPOptimizer(Optimizer):
     def _fold(self, store: GradSampleStore) -> None:
         """Clip a finished backward pass into the running sum (gradient accumulation), no noise."""
         self._count_nonfinite(store.sq)
+        self.fold_samples(store.buf, store.sq)
+
+    def fold_samples(self, grad_sample: Tensor, sq_norms: Tensor) -> None:
+        """Clip extra per-sample gradients (N, D), with their squared norms (N, P), into this
+        step's sum, exactly as the samples of a backward pass are (a privacy audit's canaries)."""
         self._summed = _ops.clip_reduce_noise(
-            store.buf, store.sq, store.segments, self._bounds, self.per_layer, self._summed, None,
+            grad_sample, sq_norms, self.store.segments, self._bounds, self.per_layer, self._summed, None,
             0.0, 0, 0, 1.0, self.store.backend)
+
+    @property
+    def pending(self) -> bool:
+        """Whether ``step()`` now has samples to take: a finished backward pass, or folded ones."""
+        return self.store.state == "sealed" or self._summed is not None
 
     def _check_ready(self, accumulated: bool) -> None:
         """A step needs a finished backward pass since the last one (or an accumulated one)."""
