@@ -315,3 +315,21 @@ def test_bad_report_and_scores():
         audit_scores(membership, torch.full((10,), float("nan")), delta=DELTA)
     with pytest.raises(ValueError, match="canaries=3 is too few"):
         audit_scores(canary_membership(3), torch.randn(3), delta=DELTA)
+
+
+def test_example_runs(capsys):
+    """examples/privacy_audit.py --tiny: three audited runs of a tiny Llama; the real engine's
+    lower bound stays below its ε, the unnoised FFA run's accountant says ∞."""
+    import runpy
+
+    from support.common import ROOT
+    pytest.importorskip("transformers")
+    main = runpy.run_path(str(ROOT / "examples" / "privacy_audit.py"))["main"]
+    out = main(["--tiny"])
+    reports = out["reports"]
+    assert set(reports) == {"dp-sgd", "noise removed", "ffa, no noise"}
+    assert reports["dp-sgd"].epsilon_lower_bound < reports["dp-sgd"].epsilon < math.inf
+    assert reports["ffa, no noise"].epsilon == math.inf
+    assert reports["noise removed"].epsilon_lower_bound > reports["dp-sgd"].epsilon_lower_bound
+    printed = capsys.readouterr().out
+    assert "accountant ε" in printed and "dp-sgd" in printed
