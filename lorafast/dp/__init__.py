@@ -13,8 +13,9 @@ from .data_loader import DPDataLoader, PoissonBatchSampler
 from .ddp import DPDDP
 from .engine import PrivacyEngine
 from .grad_sample import detach, trainable_parameters
+from .implicit_noise import ImplicitNoise, implicit_noise
 from .optimizer import DPOptimizer
 
 __all__ = ["PrivacyEngine", "compute_epsilon", "get_noise_multiplier", "Accountant", "DPOptimizer",
            "DPDataLoader", "PoissonBatchSampler", "DPDDP", "trainable_parameters", "detach", "PrivacyAudit",
-           "AuditReport", "epsilon_lower_bound"]
+           "AuditReport", "epsilon_lower_bound", "implicit_noise", "ImplicitNoise"]
