@@ -6,6 +6,7 @@ from ._ops import lora_linear, lora_linear_multi, lora_linear_q
 from .layers import LoRALinear
 from .multi_lora import MultiLoRALinear, clients
 from .qlora import QLoRALinear
+from .resample import resample_every
 from . import init
 from .interop import (client_adapter, from_peft, inject_adapters, load_adapters, merge_adapters, save_adapters,
                       unmerge_adapters)
@@ -14,4 +15,4 @@ __all__ = ["lora_linear", "LoRALinear", "lora_linear_multi", "MultiLoRALinear", 
            "QLoRALinear", "available_backends",
            "set_backend", "use_backend", "manual_seed",
            "inject_adapters", "from_peft", "save_adapters", "load_adapters", "merge_adapters", "unmerge_adapters",
-           "client_adapter", "init", "__version__"]
+           "client_adapter", "resample_every", "init", "__version__"]

@@ -112,6 +112,22 @@ def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=FLOATS) -> Ten
     return t
 
 
+def check_merge_weight(name: str, weight, compensation, device=None) -> None:
+    """An (out, in) weight that the FedEx merge (W += U V in place) can take: 2-D, floating,
+    on ``device`` (the adapters' device, when given); ``compensation`` None or an fp32 tensor of
+    its shape on its device, carrying what rounding a half-precision weight drops."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (out, in) tensor")
+    check_tensor(name, weight)
+    if device is not None and weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but the client adapters are on {device}")
+    if compensation is not None:
+        if not isinstance(compensation, Tensor) or compensation.dtype != torch.float32 \
+                or compensation.shape != weight.shape or compensation.device != weight.device:
+            raise ValueError(f"compensation must be an fp32 tensor of {name}'s shape {tuple(weight.shape)} "
+                             f"on {weight.device}")
+
+
 def check_lora_linear(x, weight, lora_A, lora_B, bias, lora_R, scaling, dropout_p) -> None:
     """The arguments of ``lorafast.lora_linear``: shapes (..., in), (out, in), (r, in), (out, r),
     (out,), (r, r); one device; weight frozen and in x's dtype; adapters fp32 or x's dtype."""

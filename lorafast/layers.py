@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ops
-from ._checks import check_seed
+from ._checks import check_merge_weight, check_seed
 from ._ops import lora_linear
+from ._random import os_seed
 
 VARIANTS = ("lora", "ffa", "xs", "sb")
 
@@ -43,7 +44,8 @@ class LoRALinear(nn.Module):
     everything that reads or writes the base goes through it.
 
     ``merge()`` folds s·B(R)A into the base weight for inference, after which the
-    forward is the plain linear map; ``unmerge()`` takes it out again.
+    forward is the plain linear map; ``unmerge()`` takes it out again. ``resample_()`` folds
+    it in for training to go on from a fresh random A (Flora; lorafast.resample).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
@@ -127,11 +129,7 @@ class LoRALinear(nn.Module):
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) with U V = s·B(R)A, the adapter's update of the (out, in) base weight, in fp32
         (fp64 for an fp64 base)."""
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        B = self.lora_B.detach().to(acc)
-        if self.lora_R is not None:
-            B = B @ self.lora_R.detach().to(acc)
-        return B * self.scaling, self.lora_A.detach().to(acc)
+        return adapter_delta(self.lora_B, self.lora_A, self.lora_R, self.scaling, self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -149,10 +147,53 @@ class LoRALinear(nn.Module):
         self._fold(-1.0)
         self.merged = False
 
-    def _fold(self, sign: float) -> None:
+    def _fold(self, sign: float, compensation: Optional[torch.Tensor] = None) -> None:
         U, V = self.delta_factors()
-        w = self.base_weight
-        _ops.fedex_merge_(w, (U * sign).contiguous(), V.contiguous())
+        _ops.fedex_merge_(self.base_weight, (U * sign).contiguous(), V.contiguous(), compensation)
+
+    @torch.no_grad()
+    def resample_(self, seed: Optional[int] = None, *, compensation: Optional[torch.Tensor] = None):
+        """Flora's resampling (Hao, Cao & Mou, 2024; lorafast.resample): fold the adapter into
+        the base and restart it from a new random projection,
+
+            W ← W + s·B A,    A ← draw(seed),    B ← 0,
+
+        which leaves the effective weight W + s·B A unchanged, while the training that follows
+        moves in a fresh rank-r subspace, so the update summed over resamples exceeds rank r.
+
+        A is drawn as ``reset_adapters`` draws it, from ``seed``, which becomes ``self.seed``.
+        ``seed=None`` takes a fresh one from the OS, which no torch or lorafast ``manual_seed``
+        replays: pass seeds (``lorafast.resample.resample_seed``) where runs must replay or
+        FFA clients must agree on A. ``lora_A`` and ``lora_B`` are written in place, so
+        optimizers and lorafast.dp keep their references (an optimizer's state for them
+        describes the old projection: ``lorafast.resample_every`` clears it).
+
+        The merge is the FedEx merge op, accumulated in fp32 (fp64 for an fp64 base): exact for
+        an fp32/fp64 base; a bf16/fp16 base keeps what its dtype can hold (as ``merge()``)
+        unless ``compensation``, an fp32 tensor of ``base_weight``'s (out, in) shape updated in
+        place, carries the rounding (``weight.float() + compensation`` is then the true weight).
+
+        Refused with a ValueError, before anything is written: a merged layer, the "xs"/"sb"
+        variants, a bad seed or compensation, a non-finite adapter. Returns None (a
+        QLoRALinear returns its correction's report)."""
+        return self._resample(self._check_resample(seed, compensation), compensation)
+
+    def _check_resample(self, seed, compensation) -> int:
+        """The seed ``resample_(seed, compensation=...)`` will use, or the ValueError that refuses it."""
+        if self.merged:
+            raise ValueError("resample_ needs an unmerged layer: this LoRALinear is merged, so its base already "
+                             "holds s·B(R)A and would take it twice; unmerge() first")
+        return check_resample(self, seed, compensation)
+
+    def _resample(self, seed: int, compensation: Optional[torch.Tensor]):
+        absorbed = self._absorb(compensation)
+        self.seed = seed
+        self.reset_adapters()
+        return absorbed
+
+    def _absorb(self, compensation: Optional[torch.Tensor]) -> None:
+        """W += s·B(R)A, before the adapter restarts (a QLoRALinear keeps it in its correction)."""
+        self._fold(1.0, compensation)
 
     # what the op computes on: the input, the (out, in) weight and the bias in the compute
     # dtype (a QLoRALinear casts to its compute dtype and dequantises its weight)
@@ -186,6 +227,32 @@ def check_layer_args(in_features: int, out_features: int, variant: str, lora_dro
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+def adapter_delta(B: torch.Tensor, A: torch.Tensor, R: Optional[torch.Tensor], scaling: float,
+                  weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) = (s·B(R), A), detached, in fp32 (fp64 for an fp64 base): U V is the adapter's
+    update of the (out, in) base weight, in the form the FedEx merge op takes."""
+    acc = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    B = B.detach().to(acc)
+    if R is not None:
+        B = B @ R.detach().to(acc)
+    return B * scaling, A.detach().to(acc)
+
+
+def check_resample(layer: nn.Module, seed, compensation) -> int:
+    """What ``resample_`` needs of a LoRALinear or MultiLoRALinear, refused by name; returns
+    the new seed (``seed``, or a fresh one from the OS for None). Writes nothing."""
+    if layer.lora_R is not None:
+        raise ValueError(f"resample_ does not apply to variant {layer.variant!r}: it trains only R inside a frozen "
+                         "(A, B) basis (LoRA-XS's SVD, LoRA-SB's gradient init), which a random redraw would "
+                         "throw away; Flora resamples A under a trained B (variants 'lora' and 'ffa')")
+    seed = check_seed("seed", seed)
+    if compensation is not None:
+        check_merge_weight("layer.base_weight", layer.base_weight, compensation)
+    if not bool(torch.isfinite(layer.lora_A).all() & torch.isfinite(layer.lora_B).all()):
+        raise ValueError("resample_ refuses a non-finite adapter (inf or nan): merging it would corrupt the base")
+    return os_seed() if seed is None else seed
 
 
 def draw_adapters(in_features: int, out_features: int, r: int, with_R: bool, seed: int):

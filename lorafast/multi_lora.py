@@ -14,9 +14,11 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import _ops
 from ._checks import check_client_ids, check_seed
 from ._ops import lora_linear_multi
-from .layers import LoRALinear, _seed_from_torch, base_parameters, check_layer_args, draw_adapters
+from .layers import (LoRALinear, _seed_from_torch, adapter_delta, base_parameters, check_layer_args, check_resample,
+                     draw_adapters)
 
 
 def _ranks(r, clients: int) -> list[int]:
@@ -163,6 +165,32 @@ class MultiLoRALinear(nn.Module):
             layer.lora_R = copy(self.lora_R[i, :q, :q])
         layer.scaling = self.client_scaling(i)
         return layer
+
+    @torch.no_grad()
+    def resample_(self, seed: Optional[int] = None, *, compensation: Optional[torch.Tensor] = None) -> None:
+        """``LoRALinear.resample_`` for all k clients at once: W ← W + s·B A, every client's
+        A ← draw(seed), B ← 0. The base is shared, so it can take one update: the clients'
+        adapters must be identical, as ``federated.aggregate(layer)`` leaves them (resample
+        between rounds, after aggregating); refused otherwise, before anything is written."""
+        self._resample(self._check_resample(seed, compensation), compensation)
+
+    def _check_resample(self, seed, compensation) -> int:
+        if len(set(self.ranks)) > 1:
+            raise ValueError(f"resample_ needs the clients' adapters identical, and these clients have different "
+                             f"ranks {self.ranks}")
+        seed = check_resample(self, seed, compensation)
+        for name in ("lora_A", "lora_B"):
+            stack = getattr(self, name)
+            if not torch.equal(stack, stack[:1].expand_as(stack)):
+                raise ValueError(f"resample_ needs the clients' adapters identical (the shared base takes one "
+                                 f"update), but their {name} differ: aggregate the layer first")
+        return seed
+
+    def _resample(self, seed: int, compensation: Optional[torch.Tensor]) -> None:
+        U, V = adapter_delta(self.lora_B[0], self.lora_A[0], None, self.scaling, self.weight.dtype)
+        _ops.fedex_merge_(self.base_weight, U.contiguous(), V.contiguous(), compensation)
+        self.seed = seed
+        self.reset_adapters()
 
     def forward(self, x: torch.Tensor, client_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if client_ids is None:

@@ -195,6 +195,23 @@ class QLoRALinear(LoRALinear):
         self.correction_U, self.correction_V = U.contiguous(), V.contiguous()
         return CorrectionReport(U.shape[1], discarded, discarded / total if total > 0 else 0.0)
 
+    # ------------------------------------------------------------- Flora resampling
+
+    def _check_resample(self, seed, compensation) -> int:
+        if compensation is not None:
+            raise ValueError("compensation does not apply to a QLoRALinear: its base stays quantised and "
+                             "resample_ keeps s·B A beside it, in the low-rank correction")
+        return super()._check_resample(seed, None)
+
+    def _absorb(self, compensation: None) -> CorrectionReport:
+        """``resample_`` over the quantised base: s·B(R)A cannot be rounded into the 4/8-bit
+        codes, so it joins the low-rank correction (``add_correction``), whose rank grows by r
+        per resample: exact up to ``correction_rank``, then its best approximation of that rank
+        (SVD), and the report that ``resample_`` returns says what truncation discarded. While
+        the layer has a correction its forward takes the scratch path."""
+        U, V = self.delta_factors()
+        return self.add_correction(U, V.clone())    # V is lora_A's storage, which the restart overwrites
+
     # ------------------------------------------------------------- merge
 
     @torch.no_grad()

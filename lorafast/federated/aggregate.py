@@ -55,13 +55,12 @@ import torch
 from torch import Tensor
 
 from .. import _ops, reference
-from .._checks import check_choice, check_finite, check_tensor
+from .._checks import check_choice, check_finite, check_merge_weight
 from ..layers import LoRALinear
 from ..multi_lora import MultiLoRALinear
 from ..qlora import CorrectionReport, QLoRALinear
 
 METHODS = ("fedavg", "fedex", "ffa", "flora")
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass
@@ -198,19 +197,6 @@ def _check_clients(client_A: Sequence[Tensor], client_B: Sequence[Tensor], weigh
         raise ValueError(f"client {finite.index(False)} sent a non-finite adapter (inf or nan)")
 
 
-def _check_weight(name: str, weight: Tensor, compensation: Optional[Tensor], device) -> None:
-    if not _is_matrix(weight):
-        raise ValueError(f"{name} must be a 2-D (out, in) tensor")
-    check_tensor(name, weight, dtypes=WEIGHT_DTYPES)
-    if weight.device != device:
-        raise ValueError(f"{name} is on {weight.device} but the client adapters are on {device}")
-    if compensation is not None:
-        if not isinstance(compensation, Tensor) or compensation.dtype != torch.float32 \
-                or compensation.shape != weight.shape or compensation.device != weight.device:
-            raise ValueError(f"compensation must be an fp32 tensor of {name}'s shape {tuple(weight.shape)} "
-                             f"on {weight.device}")
-
-
 def _multi_target(layer: MultiLoRALinear, client_A, client_B, method: str, scaling):
     """(weight, A stack, B stack, scaling) of ``aggregate(multi_layer)``."""
     if client_A is not None or client_B is not None:
@@ -271,7 +257,7 @@ def aggregate(weight: Union[Tensor, LoRALinear, MultiLoRALinear], client_A=None,
         weight, name, scaling = _target(weight, scaling)
     _check_clients(client_A, client_B, weight, name)
     device = client_A[0].device
-    _check_weight(name, weight, compensation, device)
+    check_merge_weight(name, weight, compensation, device)
     k = len(client_A)
     p = _normalise(client_weights, k, device)
     result = _aggregate(weight, client_A, client_B, method, p, scaling, compensation, backend,

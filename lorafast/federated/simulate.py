@@ -9,6 +9,9 @@ gradient of its loss alone. One AdamW over the stacks equals k clients' own Adam
 state is per element), created afresh every round as each client's local training is. At
 the end of a round every layer is aggregated as the Flower strategy aggregates it
 (``federated.aggregate(layer)``) and the global adapter written back into all k slots.
+With ``resample_rounds=τ`` every τ-th round then ends with Flora's resampling
+(lorafast.resample): the global adapter is folded into the shared base and every client
+restarts from a new random A (the seed schedule's, from ``seed``) with B = 0.
 
 With ``dp=`` every client is its own DP-SGD run (``PrivacyEngine.make_private_clients``):
 its batches Poisson sampled from its data, its samples clipped within it, one noise draw
@@ -27,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .._checks import check_choice, check_count, check_positive
+from .._checks import check_choice, check_count, check_positive, check_seed
 from ..multi_lora import clients as client_context, multi_layers
+from ..resample import resample_adapters, resample_layers
 from .aggregate import METHODS, _normalise, aggregate
 
 
@@ -142,7 +146,7 @@ def simulate(model: nn.Module, client_datasets: Sequence, *, rounds: int, local_
              client_weights=None, dp=None, batch_size: int = 4, lr: float = 1e-4, weight_decay: float = 0.0,
              loss_fn: Optional[Callable] = None, collate_fn: Optional[Callable] = None,
              eval_fn: Optional[Callable[[nn.Module], dict]] = None, seed: int = 0, progress: bool = True,
-             plot: Optional[Union[str, Path]] = None) -> SimulationResult:
+             plot: Optional[Union[str, Path]] = None, resample_rounds: Optional[int] = None) -> SimulationResult:
     """Run ``rounds`` federated rounds of ``local_steps`` local steps for every client at once.
 
     Args:
@@ -162,9 +166,11 @@ def simulate(model: nn.Module, client_datasets: Sequence, *, rounds: int, local_
             ``causal_lm_loss`` for dict batches with "labels", ``classification_loss`` for (x, y).
         eval_fn: ``eval_fn(model) -> dict`` of metrics after each round's aggregation (every
             client then holds the global adapter, so client id 0 evaluates the global model).
-        seed: the clients' data order.
+        seed: the clients' data order, and the base of the resampling's seed schedule.
         progress: a progress bar per round (tqdm, where installed).
         plot: a path: the per-round metrics are also plotted there (PNG).
+        resample_rounds: Flora: after every this many rounds' aggregation, resample every
+            "lora"/"ffa" layer (``resample_adapters(model, seed, count=round)``); None: never.
     """
     layers = multi_layers(model)
     if not layers:
@@ -189,6 +195,11 @@ def simulate(model: nn.Module, client_datasets: Sequence, *, rounds: int, local_
     check_choice("method", method, METHODS)
     check_positive("lr", lr)
     dp = _dp_config(dp) if dp is not None else None
+    if resample_rounds is not None:
+        check_count("resample_rounds", resample_rounds, minimum=1)
+        check_seed("seed", seed)
+        if not resample_layers(model):
+            raise ValueError("resample_rounds needs MultiLoRALinear layers of variant 'lora' or 'ffa'")
     device = layers[0].weight.device
     weights = _normalise(sizes if client_weights is None else client_weights, k, torch.device("cpu")).tolist()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay)
@@ -216,6 +227,8 @@ def simulate(model: nn.Module, client_datasets: Sequence, *, rounds: int, local_
             losses = _local_steps(model, k, opt, local_steps, next_batch, loss_fn, device, bar)
             for layer in layers:
                 aggregate(layer, method=method, client_weights=weights)
+            if resample_rounds is not None and t % resample_rounds == 0:
+                resample_adapters(model, seed, count=t)
             row = {"round": t, "train_loss": float(sum(w * x for w, x in zip(weights, losses))),
                    "client_loss": losses}
             if engine is not None:
