@@ -43,13 +43,17 @@ class PoissonBatchSampler(Sampler):
         rank, world_size: with ``world_size > 1`` only indices ``range(rank, N, world_size)`` are
             sampled (at rate q). Give each rank its own generator seed: shared seeds correlate
             inclusions across ranks, which the accounting does not allow.
+        micro_batches: yield each Poisson batch as this many consecutive chunks of near-equal
+            size (gradient accumulation: the chunks of one logical batch share one noise draw,
+            so the step is still one Poisson-subsampled Gaussian step). ``len`` counts chunks.
 
     Batches vary in size and may be empty (an empty list).
     """
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None, *,
                  generator: torch.Generator | None = None, secure_mode: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, micro_batches: int = 1):
+        self.micro_batches = check_count("micro_batches", micro_batches, 1)
         self.num_samples = check_count("num_samples", num_samples, 1)
         self.sample_rate = check_sample_rate("sample_rate", sample_rate)
         self.world_size = check_count("world_size", world_size, 1)
@@ -73,7 +77,7 @@ class PoissonBatchSampler(Sampler):
         return len(self._shard)
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps * self.micro_batches
 
     def __iter__(self):
         n = len(self._shard)
@@ -82,7 +86,11 @@ class PoissonBatchSampler(Sampler):
                 u = torch.from_numpy(secure_uniform(n))  # P(u < q) = ⌈q·2⁵³⌉·2⁻⁵³
             else:
                 u = torch.rand(n, generator=self.generator, dtype=torch.float64)
-            yield self._shard[u < self.sample_rate].tolist()
+            batch = self._shard[u < self.sample_rate]
+            if self.micro_batches == 1:
+                yield batch.tolist()
+            else:
+                yield from (chunk.tolist() for chunk in torch.tensor_split(batch, self.micro_batches))
 
 
 def _empty_like(batch):
@@ -148,7 +156,8 @@ _SAMPLING_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_l
 class DPDataLoader(DataLoader):
     """DataLoader whose batches are Poisson samples of ``dataset`` at rate ``sample_rate``.
 
-    One epoch is ``round(1/sample_rate)`` batches. Empty batches are collated to zero-length
+    One epoch is ``round(1/sample_rate)`` batches (each split into ``micro_batches`` chunks,
+    see PoissonBatchSampler). Empty batches are collated to zero-length
     tensors with the usual trailing shapes and dtypes. ``distributed=True`` shards the indices
     by torch.distributed rank. ``loader_kwargs`` go to DataLoader (num_workers, pin_memory, ...).
 
@@ -159,7 +168,7 @@ class DPDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, sample_rate: float, *, collate_fn=None,
                  generator: torch.Generator | None = None, secure_mode: bool = False,
-                 distributed: bool = False, **loader_kwargs):
+                 distributed: bool = False, micro_batches: int = 1, **loader_kwargs):
         if isinstance(dataset, IterableDataset):
             raise ValueError("dataset must be a map-style dataset with __len__, not an IterableDataset: "
                              "Poisson sampling draws each index independently")
@@ -174,7 +183,8 @@ class DPDataLoader(DataLoader):
                                  f"at sample_rate (expected batch size = sample_rate × len(dataset))")
         rank, world_size = _distributed_rank_world(distributed)
         batch_sampler = PoissonBatchSampler(num_samples, sample_rate, generator=generator,
-                                            secure_mode=secure_mode, rank=rank, world_size=world_size)
+                                            secure_mode=secure_mode, rank=rank, world_size=world_size,
+                                            micro_batches=micro_batches)
         if collate_fn is None:
             collate_fn = torch.utils.data.default_collate
         super().__init__(dataset, batch_sampler=batch_sampler,

@@ -117,18 +117,27 @@ class PrivacyEngine:
             expected = float(data_loader.batch_size)
             sample_rate = min(1.0, data_loader.batch_size * world / n_data)
 
+        dp_optimizer = self._attach(module, optimizer, named, noise_multiplier, bounds, clipping, loss_reduction,
+                                    noise_seed, backend, sample_rate, expected)
+        return module, dp_optimizer, loader
+
+    def _attach(self, module, optimizer, named, noise_multiplier, bounds, clipping, loss_reduction, noise_seed,
+                backend, sample_rate: float, expected_batch_size: float) -> DPOptimizer:
+        """Per-sample mode on ``module`` and a DPOptimizer around ``optimizer`` whose steps the
+        accountant records at rate ``sample_rate``: make_private once its loader is settled (a
+        sampler of its own, as the Trainer integration has, calls this with its q and E)."""
         store = GradSampleStore([p for _, p in named], loss_reduction=loss_reduction,
                                 backend=backend)
         dp_optimizer = DPOptimizer(optimizer, store=store, noise_multiplier=noise_multiplier,
                                    max_grad_norm=bounds, per_layer=clipping == "per_layer",
-                                   expected_batch_size=expected, noise_seed=noise_seed,
+                                   expected_batch_size=expected_batch_size, noise_seed=noise_seed,
                                    secure_mode=self.secure_mode)
         dp_optimizer.parameter_names = [n for n, _ in named]
         dp_optimizer.attach_step_hook(lambda opt: self.accountant.step(opt.noise_multiplier, sample_rate))
         attach(module, store)
         self.sample_rate = sample_rate
         self.optimizer = dp_optimizer     # what a PrivacyAudit of this engine watches
-        return module, dp_optimizer, loader
+        return dp_optimizer
 
     def make_private_clients(self, *, module: nn.Module, optimizer: Optimizer, client_datasets: Sequence,
                              expected_batch_size, noise_multiplier, max_grad_norm: Union[float, Sequence[float]],
