@@ -132,6 +132,13 @@ class GradSampleStore:
         torch.autograd.Variable._execution_engine.queue_callback(self._seal)
 
     def _seal(self) -> None:
+        if _inside_another_backward():
+            self.reset()
+            raise RuntimeError(
+                "per-sample gradients: this backward pass runs nested inside another one (reentrant activation "
+                "checkpointing, use_reentrant=True), so each checkpointed segment would be clipped on its own; "
+                "checkpoint with use_reentrant=False (transformers: gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})")
         if self.clients and self.loss_reduction == "mean" and self.batch:
             # the loss is Σ_c mean over client c's samples: undo each client's mean, ∇ℓᵢ = n_c(i) · ∇(ℓᵢ / n_c(i))
             counts = torch.bincount(self.client_ids, minlength=self.clients).to(self.buf.dtype)
@@ -140,11 +147,26 @@ class GradSampleStore:
         self.state = "sealed"
 
 
+def _inside_another_backward() -> bool:
+    """True in a backward pass that an autograd node of an outer one started (reentrant
+    checkpointing re-runs its segment's backward from inside its own node's backward)."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    return current is not None and current() is not None
+
+
 def _batch_of(x: Tensor, where: str) -> int:
     if x.dim() < 2:
         raise ValueError(f"{where}: per-sample gradients need a batch dimension first, got input of shape "
                          f"{tuple(x.shape)}")
     return x.shape[0]
+
+
+def _trained(ctx, first: int, params) -> list[Optional[Tensor]]:
+    """The parameters, passed to a per-sample Function from input ``first`` on, that autograd
+    wants gradients of (None for the others). The store knows parameters by identity, so they
+    come from the layer, not from ``ctx.saved_tensors``: under activation checkpointing the
+    saved tensors are recomputed copies."""
+    return [p if p is not None and ctx.needs_input_grad[first + i] else None for i, p in enumerate(params)]
 
 
 class _LoRAPerSample(torch.autograd.Function):
@@ -165,8 +187,8 @@ class _LoRAPerSample(torch.autograd.Function):
         x, A, B, R, h = ctx.saved_tensors
         layer, store = ctx.layer, ctx.store
         batch = x.shape[0]
-        params = [t if t is not None and t.requires_grad else None for t in (A, B, R)]
-        ps_A, ps_B, ps_R = store.views(batch, params, f"LoRALinear({layer.in_features}, {layer.out_features})")
+        ps_A, ps_B, ps_R = store.views(batch, _trained(ctx, 1, (layer.lora_A, layer.lora_B, layer.lora_R)),
+                                       f"LoRALinear({layer.in_features}, {layer.out_features})")
         need_x = ctx.needs_input_grad[0]
         weight = layer.compute_weight(x.dtype) if need_x else \
             x.new_empty(()).expand(layer.out_features, layer.in_features)   # only dx reads W
@@ -182,7 +204,7 @@ class _LinearPerSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, store):
         ctx.save_for_backward(x, weight, bias)
-        ctx.store = store
+        ctx.store, ctx.params = store, (weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -190,8 +212,8 @@ class _LinearPerSample(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         store = ctx.store
         batch = x.shape[0]
-        params = [t if t is not None and t.requires_grad else None for t in (weight, bias)]
-        ps_W, ps_b = store.views(batch, params, f"nn.Linear({weight.shape[1]}, {weight.shape[0]})")
+        ps_W, ps_b = store.views(batch, _trained(ctx, 1, ctx.params),
+                                 f"nn.Linear({weight.shape[1]}, {weight.shape[0]})")
         scale = store.grad_scale(batch)
         if batch > 0:
             G = grad_y.reshape(batch, -1, weight.shape[0]).to(torch.float32)
@@ -223,9 +245,8 @@ class _MultiPerSample(torch.autograd.Function):
         x, A, B, R, h, rows, seg, scale = ctx.saved_tensors
         layer, store = ctx.layer, ctx.store
         batch = x.shape[0]
-        params = [t if t is not None and t.requires_grad else None for t in (A, B, R)]
-        ps_A, ps_B, ps_R = store.views(batch, params, f"MultiLoRALinear({layer.in_features}, {layer.out_features})",
-                                       ctx.client_ids)
+        ps_A, ps_B, ps_R = store.views(batch, _trained(ctx, 1, (layer.lora_A, layer.lora_B, layer.lora_R)),
+                                       f"MultiLoRALinear({layer.in_features}, {layer.out_features})", ctx.client_ids)
         need_x = ctx.needs_input_grad[0]
         dx = _ops.lora_linear_multi_bwd_ps(grad_y.contiguous(), x, layer.base_weight, A, B, R, h, rows, seg, scale,
                                            ctx.dropout_p, ctx.seed, 0, need_x, ps_A, ps_B, ps_R,

@@ -340,3 +340,44 @@ def test_batch_must_be_first_dimension():
     _, model, opt, _ = _private(TinyNet())
     with pytest.raises(ValueError, match="batch dimension"):
         model.lora(torch.randn(7))
+
+
+class _CheckpointedNet(TinyNet):
+    """TinyNet with every layer in a checkpointed segment of its own, as transformers checkpoints each block."""
+
+    def __init__(self, use_reentrant: bool):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        def ckpt(fn, *args):
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=self.use_reentrant)
+
+        h = ckpt(lambda t: torch.tanh(self.lora(t)), x)
+        h = ckpt(lambda t: torch.tanh(self.ffa(t)) + t, h)
+        h = ckpt(lambda t: self.norm(self.xs(t)), h)
+        return ckpt(lambda t: self.head(t.mean(1)), h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_reentrant_checkpointing_gives_the_same_private_step(backend):
+    """Checkpointing recomputes the saved tensors as new objects; the per-sample gradients still
+    land in their parameters' columns and the whole pass is clipped once."""
+    fresh_seed()
+    model = _CheckpointedNet(use_reentrant=False)
+    x, y = make_batch(5)
+    truth_ps = per_sample_grads(TinyNet(), x, y)     # the same weights (seed 0), no checkpointing
+    _, model, opt, _ = _private(model, C=0.2, backend=backend)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    _assert_grads(_grads(model), clipped_mean(truth_ps, 0.2, 6))
+
+
+def test_reentrant_checkpointing_is_refused():
+    """Reentrant checkpointing runs each segment's backward nested in its own pass: clipping would
+    see partial gradients, so the backward fails and names the fix."""
+    model = _CheckpointedNet(use_reentrant=True)
+    x, y = make_batch(5)
+    _, model, opt, _ = _private(model, C=0.2)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        F.cross_entropy(model(x.requires_grad_()), y).backward()
