@@ -169,7 +169,8 @@ def test_sigma_eff_is_dp_sgd_noise_and_epsilon_is_the_accountants():
     fresh_seed()
     net, (x, y) = Net(), _data(n=8)
     base = implicit_noise(net, (x, y), F.cross_entropy)
-    C = 0.5 * base["up"].max_per_sample_norm
+    # just under the largest per-sample norm: some samples are clipped, never all (at half of it, all 8 could be)
+    C = 0.99 * base["up"].max_per_sample_norm
     q, steps, delta = 0.02, 300, 1e-5
     got = implicit_noise(net, (x, y), F.cross_entropy, max_grad_norm=C, sample_rate=q, steps=steps, delta=delta)
     for name, rec in got.items():
