@@ -112,6 +112,24 @@ def _fused(module: nn.Module, clients: Optional[int] = None) -> nn.Module:
     return layer
 
 
+def _survey(peft_model: nn.Module, clients: Optional[int] = None) -> tuple[list, list]:
+    """([(name, PEFT layer)] that fuse, [(name, feature the fused op lacks)] that do not)."""
+    lora_layer = _peft_lora()
+    plan, unfused = [], []
+    for name, module in peft_model.named_modules():
+        if isinstance(module, lora_layer.LoraLayer):
+            why = _unfusable(module, lora_layer, clients)
+            (unfused if why else plan).append((name, why or module))
+    return plan, unfused
+
+
+def unfusable_layers(peft_model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, layer, feature the fused op lacks) of each PEFT LoRA layer that ``from_peft``
+    would leave as it is; nothing is changed."""
+    unfused = dict(_survey(peft_model)[1])
+    return [(name, module, unfused[name]) for name, module in peft_model.named_modules() if name in unfused]
+
+
 def from_peft(peft_model: nn.Module, *, strict: bool = True, clients: Optional[int] = None) -> nn.Module:
     """Replace, in place, each PEFT LoRA layer of ``peft_model`` with a fused ``LoRALinear``
     that shares its parameter tensors (base weight and bias, lora_A, lora_B), and carries
@@ -133,18 +151,13 @@ def from_peft(peft_model: nn.Module, *, strict: bool = True, clients: Optional[i
     ``clients=k`` makes each layer a ``MultiLoRALinear`` whose k clients all start from the
     PEFT adapter (copies in stacked parameters: build the optimizer after converting).
     """
-    lora_layer = _peft_lora()
     if not isinstance(peft_model, nn.Module):
         raise ValueError(f"peft_model must be a torch.nn.Module, got {type(peft_model).__name__}")
     if not isinstance(strict, bool):
         raise ValueError(f"strict must be a bool, got {strict!r}")
     if clients is not None:
         check_count("clients", clients, minimum=1)
-    plan, unfused = [], []
-    for name, module in peft_model.named_modules():
-        if isinstance(module, lora_layer.LoraLayer):
-            why = _unfusable(module, lora_layer, clients)
-            (unfused if why else plan).append((name, why or module))
+    plan, unfused = _survey(peft_model, clients)
     if not plan and not unfused:
         raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT LoRA layers")
     if unfused and strict:

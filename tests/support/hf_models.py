@@ -50,3 +50,23 @@ def adapter_grads(model):
                 layer = name.split(f".{kind}")[0]
                 out.setdefault(layer, {})[kind] = p.grad
     return out
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny models' vocabulary, built in memory: "w0" … "w57"
+    are tokens 3 … 60, after <unk>, <pad> and <eos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<unk>", "<pad>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                                eos_token="<eos>")
+
+
+def random_texts(n: int, seed: int = 0, min_words: int = 2, max_words: int = 8) -> list[str]:
+    """n texts of random words of tiny_tokenizer's vocabulary, of random lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_words, max_words + 1, (n,), generator=g)
+    return [" ".join(f"w{int(t)}" for t in torch.randint(0, VOCAB - 3, (int(k),), generator=g)) for k in lengths]

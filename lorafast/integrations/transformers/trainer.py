@@ -24,21 +24,25 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import Trainer, TrainerCallback
+import transformers
+from transformers import Trainer
 
 from ...dp.accountant import Accountant, get_noise_multiplier
 from ...dp.data_loader import DPDataLoader, PoissonBatchSampler
 from ...dp.engine import PrivacyEngine, _check_bounds
 from ...dp.grad_sample import trainable_parameters
 from ...dp.optimizer import DPOptimizer
+from ...interop.from_peft import unfusable_layers
 from ...interop.peft_format import save_adapters
-from ...interop.targets import hf_root
+from ...interop.targets import hf_root, is_peft_lora_layer
 from .arguments import DPArguments
 from .fusion import fuse
 from .losses import per_sample_losses
 
 logger = logging.getLogger("lorafast")
 DP_STATE_NAME = "lorafast_dp_state.json"
+# the Trainer methods DPTrainer overrides to sample by Poisson and to stop before a step past the budget
+_TRAINER_HOOKS = ("set_initial_training_values", "get_batch_samples")
 _DEFAULT_MAX_GRAD_NORM = 1.0     # TrainingArguments' default: a different value was set by the user
 
 
@@ -59,26 +63,6 @@ def _poisson_sampler(loader) -> Optional[PoissonBatchSampler]:
     return None
 
 
-class _PrivacyCallback(TrainerCallback):
-    """Stops training before a step that would take ε past the target."""
-
-    def __init__(self, trainer: "DPTrainerMixin"):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        more = state.global_step < state.max_steps
-        if more and trainer.dp_args.target_epsilon is not None and trainer.next_step_exceeds_target():
-            now, nxt = trainer.epsilon, trainer._epsilon_after_next_step()
-            message = (f"DPTrainer: stopping at step {state.global_step}: ε = {now:.4g} at δ = {trainer.delta:.3g}, "
-                       f"and one more step would spend ε = {nxt:.4g} > target_epsilon = "
-                       f"{trainer.dp_args.target_epsilon:g}")
-            logger.warning(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
-            control.should_training_stop = True
-        return control
-
-
 class DPTrainerMixin:
     """Makes a transformers ``Trainer`` (or a subclass, such as TRL's ``SFTTrainer``) train
     with DP-SGD; see the module docstring. ``DPTrainer = DPTrainerMixin + Trainer``.
@@ -89,6 +73,10 @@ class DPTrainerMixin:
     """
 
     def __init__(self, *args, dp_args: Optional[DPArguments] = None, **kwargs):
+        missing = [hook for hook in _TRAINER_HOOKS if not hasattr(Trainer, hook)]
+        if missing:
+            raise ImportError(f"DPTrainer needs Trainer.{', Trainer.'.join(missing)}, which this transformers "
+                              f"({transformers.__version__}) lacks: it is checked with transformers 4.57 and 5.x")
         if not isinstance(dp_args, DPArguments):
             raise ValueError(f"dp_args must be a lorafast DPArguments, got {type(dp_args).__name__}")
         super().__init__(*args, **kwargs)
@@ -107,25 +95,60 @@ class DPTrainerMixin:
             raise ValueError(f"per_device_train_batch_size × gradient_accumulation_steps = "
                              f"{self.expected_batch_size:g} exceeds the {self.n_samples} training records")
         self.sample_rate = self.expected_batch_size / self.n_samples
-        # the Trainer's own clipping of the noised batch gradient is off (DP clips each sample)
-        user_norm = self.args.max_grad_norm
-        self.args = copy.copy(self.args)
-        self.args.max_grad_norm = 0.0
-        if user_norm is not None and user_norm > 0 and user_norm != _DEFAULT_MAX_GRAD_NORM:
-            message = (f"TrainingArguments.max_grad_norm={user_norm:g} is turned off: DP-SGD clips each sample's "
-                       f"gradient to DPArguments.max_grad_norm={dp_args.max_grad_norm!r} instead")
-            logger.warning(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
+        self._check_fusable()
+        self.args = self._private_training_args(self.args)
         self.fusion_report = fuse(self.model)
         logger.info("DPTrainer: %s", self.fusion_report)
+        if not trainable_parameters(self.model):   # ValueError naming a parameter without per-sample gradients
+            raise ValueError("model: it has no trainable parameters")
         self.privacy_engine = PrivacyEngine(accountant=dp_args.accountant, secure_mode=dp_args.secure_mode)
         self.noise_multiplier: Optional[float] = dp_args.noise_multiplier
         self._dp_optimizer: Optional[DPOptimizer] = None
         self._resumed_state: Optional[dict] = None
         self._epsilon_cache: tuple = (None, 0.0)
-        self.add_callback(_PrivacyCallback(self))
+        self._planned_steps: Optional[int] = None
+
+    def _private_training_args(self, args):
+        """A copy of ``args`` for DP-SGD (the caller's stays as it was): the Trainer's clipping of
+        the batch gradient off, since DP clips each sample; activation checkpointing, where on,
+        non-reentrant, since a reentrant one runs each segment's backward as a pass of its own."""
+        user_norm = args.max_grad_norm
+        args = copy.copy(args)
+        args.max_grad_norm = 0.0
+        if user_norm is not None and user_norm > 0 and user_norm != _DEFAULT_MAX_GRAD_NORM:
+            message = (f"TrainingArguments.max_grad_norm={user_norm:g} is turned off: DP-SGD clips each sample's "
+                       f"gradient to DPArguments.max_grad_norm={self.dp_args.max_grad_norm!r} instead")
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
+        # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* (the old names mirror the new)
+        for flag in ("activation_checkpointing", "gradient_checkpointing"):
+            if getattr(args, flag, None):
+                name = f"{flag}_kwargs"
+                kwargs = getattr(args, name, None) or {}
+                if kwargs.get("use_reentrant") is True:
+                    raise ValueError(f"args.{name}={{'use_reentrant': True, ...}}: reentrant checkpointing runs each "
+                                     "checkpointed segment's backward as a pass of its own, so DP-SGD could not clip "
+                                     "each sample's whole gradient; use use_reentrant=False")
+                setattr(args, name, {**kwargs, "use_reentrant": False})
+                if name == "activation_checkpointing_kwargs" and hasattr(args, "gradient_checkpointing_kwargs"):
+                    args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs
+                break
+        return args
 
     # ---- checks
+    def _check_fusable(self) -> None:
+        """Refuse, before anything changes, a trainable PEFT layer that would stay unfused: only
+        lorafast's layers give per-sample gradients (fuse() keeps such a layer for non-private
+        training)."""
+        if not any(is_peft_lora_layer(m) for m in self.model.modules()):
+            return
+        blocked = [(name, why) for name, module, why in unfusable_layers(self.model)
+                   if any(p.requires_grad for p in module.parameters())]
+        if blocked:
+            listed = "\n".join(f"  {name}: {why}" for name, why in blocked)
+            raise ValueError(f"model: {len(blocked)} trainable PEFT LoRA layer(s) cannot be fused, and DP-SGD needs "
+                             f"the per-sample gradients that only fused layers compute:\n{listed}")
+
     def _check_training_args(self) -> None:
         args = self.args
         if getattr(args, "fp16", False):
@@ -134,9 +157,15 @@ class DPTrainerMixin:
         if args.world_size > 1:
             raise ValueError(f"DPTrainer runs on one process (args.world_size = {args.world_size}): "
                              "DDP would all-reduce unclipped gradients")
-        if getattr(args, "group_by_length", False):
-            raise ValueError("args.group_by_length=True batches records by length, but the accountant assumes "
-                             "Poisson sampling (each record joins each batch independently): set it to False")
+        # the Poisson sampler replaces the Trainer's: a sampling option that promises some other
+        # order would be silently ignored, so it is refused (group_by_length before transformers 5)
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if getattr(args, "group_by_length", False) or strategy != "random":
+            name, value = (("train_sampling_strategy", repr(strategy)) if strategy != "random"
+                           else ("group_by_length", "True"))
+            raise ValueError(f"args.{name}={value} sets the order of the training records, but DP-SGD samples "
+                             "them by Poisson (each record joins each batch independently), as the accountant "
+                             f"assumes: leave args.{name} at its default")
         if getattr(args, "packing", False) or getattr(self, "padding_free", False):
             raise ValueError("args.packing / padding_free put several records in one row, so one row's gradient "
                              "is not one record's: DP-SGD needs packing=False and padding_free=False")
@@ -186,7 +215,25 @@ class DPTrainerMixin:
 
     def set_initial_training_values(self, args, dataloader, *rest, **kwargs):
         self._check_sampling(dataloader)
-        return super().set_initial_training_values(args, dataloader, *rest, **kwargs)
+        values = super().set_initial_training_values(args, dataloader, *rest, **kwargs)
+        # the run's optimizer steps (max_steps, or epochs × steps per epoch), known here before the
+        # optimizer is built; transformers < 5 sets state.max_steps only after building it
+        self._planned_steps = int(values[-1])
+        return values
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of the next optimizer step, or none (and training stops) when that
+        step would take ε past the target. The loop asks here before every step, the first one
+        after a resume included, so no step past the budget is ever taken."""
+        if self._dp_optimizer is not None and self.next_step_exceeds_target():
+            message = (f"DPTrainer: stopping at step {self.state.global_step}: ε = {self.epsilon:.4g} at δ = "
+                       f"{self.delta:.3g}, and one more step would spend ε = {self._epsilon_after_next_step():.4g} "
+                       f"> target_epsilon = {self.dp_args.target_epsilon:g}")
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     # ---- the private optimizer
     def _calibrated_noise_multiplier(self) -> float:
@@ -194,7 +241,7 @@ class DPTrainerMixin:
             return float(self._resumed_state["noise_multiplier"])  # the resumed run keeps its plan
         if self.dp_args.noise_multiplier is not None:
             return float(self.dp_args.noise_multiplier)
-        steps = int(self.state.max_steps)
+        steps = self._planned_steps
         sigma = get_noise_multiplier(self.dp_args.target_epsilon, self.delta, self.sample_rate, steps,
                                      accountant=self.dp_args.accountant)
         logger.info("DPTrainer: noise multiplier σ = %.4f gives ε ≤ %g at δ = %.3g over %d steps at q = %.4g",
@@ -204,11 +251,10 @@ class DPTrainerMixin:
     def create_optimizer(self, model=None):
         if self._dp_optimizer is not None:
             return self.optimizer
-        base = super().create_optimizer(model)
+        # transformers < 5 has create_optimizer(self), without the model argument
+        base = super().create_optimizer() if model is None else super().create_optimizer(model)
         module = self.model
         named = trainable_parameters(module)
-        if not named:
-            raise ValueError("the model has no trainable parameters")
         bounds = _check_bounds(self.dp_args.max_grad_norm, self.dp_args.clipping, len(named), [n for n, _ in named])
         self.noise_multiplier = self._calibrated_noise_multiplier()
         engine = self.privacy_engine
@@ -276,7 +322,7 @@ class DPTrainerMixin:
         if target is None or self.noise_multiplier is None:
             return False
         acc = self.privacy_engine.accountant
-        planned = self.state.max_steps if self._resumed_state is None else None
+        planned = self._planned_steps if self._resumed_state is None else None
         if planned is not None and acc.steps + 1 <= planned:
             return False   # calibrated for max_steps: ε grows with the steps, so it is below target until then
         return self._epsilon_after_next_step() > target
