@@ -31,9 +31,9 @@ class FusionReport:
 
 
 def _model_of(trainer_or_model) -> nn.Module:
-    model = getattr(trainer_or_model, "model", None) if not isinstance(trainer_or_model, nn.Module) else None
     if isinstance(trainer_or_model, nn.Module):
         return trainer_or_model
+    model = getattr(trainer_or_model, "model", None)    # a Trainer's
     if isinstance(model, nn.Module):
         return model
     raise ValueError(f"trainer_or_model must be a transformers Trainer or an nn.Module, got "
