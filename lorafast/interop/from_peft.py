@@ -112,22 +112,17 @@ def _fused(module: nn.Module, clients: Optional[int] = None) -> nn.Module:
     return layer
 
 
-def _survey(peft_model: nn.Module, clients: Optional[int] = None) -> tuple[list, list]:
-    """([(name, PEFT layer)] that fuse, [(name, feature the fused op lacks)] that do not)."""
+def _survey(peft_model: nn.Module, clients: Optional[int] = None) -> list[tuple[str, nn.Module, Optional[str]]]:
+    """(name, layer, the feature the fused op lacks or None) of each PEFT LoRA layer."""
     lora_layer = _peft_lora()
-    plan, unfused = [], []
-    for name, module in peft_model.named_modules():
-        if isinstance(module, lora_layer.LoraLayer):
-            why = _unfusable(module, lora_layer, clients)
-            (unfused if why else plan).append((name, why or module))
-    return plan, unfused
+    return [(name, module, _unfusable(module, lora_layer, clients)) for name, module in peft_model.named_modules()
+            if isinstance(module, lora_layer.LoraLayer)]
 
 
 def unfusable_layers(peft_model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(name, layer, feature the fused op lacks) of each PEFT LoRA layer that ``from_peft``
     would leave as it is; nothing is changed."""
-    unfused = dict(_survey(peft_model)[1])
-    return [(name, module, unfused[name]) for name, module in peft_model.named_modules() if name in unfused]
+    return [entry for entry in _survey(peft_model) if entry[2]]
 
 
 def from_peft(peft_model: nn.Module, *, strict: bool = True, clients: Optional[int] = None) -> nn.Module:
@@ -157,7 +152,9 @@ def from_peft(peft_model: nn.Module, *, strict: bool = True, clients: Optional[i
         raise ValueError(f"strict must be a bool, got {strict!r}")
     if clients is not None:
         check_count("clients", clients, minimum=1)
-    plan, unfused = _survey(peft_model, clients)
+    survey = _survey(peft_model, clients)
+    plan = [(name, module) for name, module, why in survey if not why]
+    unfused = [(name, why) for name, _, why in survey if why]
     if not plan and not unfused:
         raise ValueError(f"peft_model ({type(peft_model).__name__}) has no PEFT LoRA layers")
     if unfused and strict:

@@ -120,19 +120,18 @@ class DPTrainerMixin:
                        f"gradient to DPArguments.max_grad_norm={self.dp_args.max_grad_norm!r} instead")
             logger.warning(message)
             warnings.warn(message, UserWarning, stacklevel=3)
-        # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* (the old names mirror the new)
-        for flag in ("activation_checkpointing", "gradient_checkpointing"):
-            if getattr(args, flag, None):
-                name = f"{flag}_kwargs"
-                kwargs = getattr(args, name, None) or {}
-                if kwargs.get("use_reentrant") is True:
-                    raise ValueError(f"args.{name}={{'use_reentrant': True, ...}}: reentrant checkpointing runs each "
-                                     "checkpointed segment's backward as a pass of its own, so DP-SGD could not clip "
-                                     "each sample's whole gradient; use use_reentrant=False")
+        if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
+            # transformers 5 renamed gradient_checkpointing_kwargs to activation_checkpointing_kwargs and
+            # keeps the old name as a mirror: both are set
+            names = [name for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+                     if hasattr(args, name)]
+            kwargs = getattr(args, names[0]) or {}
+            if kwargs.get("use_reentrant") is True:
+                raise ValueError(f"args.{names[0]}={{'use_reentrant': True, ...}}: reentrant checkpointing runs each "
+                                 "checkpointed segment's backward as a pass of its own, so DP-SGD could not clip "
+                                 "each sample's whole gradient; use use_reentrant=False")
+            for name in names:
                 setattr(args, name, {**kwargs, "use_reentrant": False})
-                if name == "activation_checkpointing_kwargs" and hasattr(args, "gradient_checkpointing_kwargs"):
-                    args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs
-                break
         return args
 
     # ---- checks
